@@ -1,0 +1,137 @@
+"""Checkpoints: a directory per step, written atomically by all ranks together.
+
+Layout under ``RUN/checkpoints/``::
+
+    step_00001200/shared.pt      model, optimizer, scheduler, scaler, step, data position (rank 0)
+    step_00001200/rank_00003.pt  per-rank state: RNGs, ZeRO optimizer partition
+    latest                       text: name of the newest complete checkpoint
+    best                         text: name of the checkpoint with the best validation score
+
+A checkpoint is written into ``step_X.tmp/`` and renamed only when every rank has finished,
+so a killed job never leaves a half-written ``step_X``. Files load with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmdist.dist import DistEnv, all_reduce_sum, barrier
+
+log = logging.getLogger(__name__)
+
+
+def _safe_globals() -> list:
+    """Classes besides tensors that DeepSpeed's optimizer states contain (allow-listed, nothing else)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_file(path: str | Path) -> dict:
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": list(random.getstate()[1]),
+            "numpy": {"keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, env: DistEnv, keep_last: int = 3):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.env, self.keep_last = env, keep_last
+        if env.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+
+    def _pointer(self, name: str) -> str | None:
+        p = self.dir / name
+        return p.read_text().strip() if p.is_file() else None
+
+    def save(self, step: int, shared: dict, rank: dict, best: bool = False) -> Path:
+        """Collective: every rank writes its part, rank 0 publishes the directory."""
+        name = f"step_{step:08d}"
+        final, tmp = self.dir / name, self.dir / f"{name}.tmp"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        torch.save(rank, tmp / f"rank_{self.env.rank:05d}.pt")
+        if self.env.is_main:
+            torch.save(shared, tmp / "shared.pt")
+        barrier()
+        if self.env.is_main:
+            if final.exists():  # the same step saved again (e.g. after a final evaluation)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic_text(self.dir / "latest", name)
+            if best:
+                _write_atomic_text(self.dir / "best", name)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        keep = {self._pointer("best"), self._pointer("latest")}
+        steps = sorted(p.name for p in self.dir.glob("step_*") if not p.name.endswith(".tmp"))
+        for name in steps[: max(0, len(steps) - self.keep_last)]:
+            if name not in keep:
+                shutil.rmtree(self.dir / name, ignore_errors=True)
+
+    def candidates(self) -> list[str]:
+        """Complete checkpoints, newest first, ``latest`` first of all."""
+        steps = sorted((p.name for p in self.dir.glob("step_*") if not p.name.endswith(".tmp")), reverse=True)
+        latest = self._pointer("latest")
+        return ([latest] if latest in steps else []) + [s for s in steps if s != latest]
+
+    def load(self, name: str | None = None) -> tuple[str, dict, dict] | None:
+        """Collective: load ``name`` (default: newest valid) -> (name, shared, rank state).
+
+        A checkpoint that any rank cannot read is skipped with a warning, on all ranks alike.
+        """
+        names = [name] if name else self.candidates()
+        for cand in names:
+            try:
+                shared = load_file(self.dir / cand / "shared.pt")
+                rank = load_file(self.dir / cand / f"rank_{self.env.rank:05d}.pt")
+                ok = 1
+            except Exception as e:  # truncated, missing or unsafe file
+                log.warning("checkpoint %s unreadable on rank %d: %s", cand, self.env.rank, e)
+                ok = 0
+            if int(all_reduce_sum(torch.tensor([ok], device=self.env.device)).item()) == self.env.world_size:
+                return cand, shared, rank
+        if name:
+            raise FileNotFoundError(f"checkpoint {self.dir / name} could not be loaded on every rank")
+        return None
+
+    def best_name(self) -> str | None:
+        return self._pointer("best")

@@ -1,0 +1,266 @@
+"""Typed run configuration.
+
+Dataclasses are the schema; YAML files in ``configs/`` are experiments; ``--set a.b=c``
+overrides single values. Resolution order: dataclass defaults -> YAML -> overrides. Every
+key is checked before any work starts: unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the key (``optim.lr: expected float, got 'fast'``).
+
+The ``model`` and ``loss`` sections belong to the method: their dataclasses come from the
+method registry (``xmdist.methods``), so ``method: vsepp`` validates against VSE++'s schema.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or impossible."""
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/synthetic"  # directory holding *.tar shards and _info.json
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    batch_size: int = 128  # per rank; the global batch is batch_size * world_size
+    num_workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 2000  # samples held by each worker's shuffle buffer
+    caption_mode: Literal["all", "random"] = "all"  # all: every caption is a pair (VSE++ epochs)
+    min_word_count: int = 4  # vocabulary: words seen at least this often in train captions
+    max_caption_words: int = 40
+    crop_size: int = 224  # training crop / evaluation centre crop, pixels
+    eval_resize: int = 256  # evaluation: resize shorter side, then centre crop
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
+    hflip: bool = True  # captions that name left/right want this off
+    pin_memory: bool = True  # only used on CUDA
+
+    def validate(self) -> None:
+        check(self.batch_size >= 2, "data.batch_size", "must be >= 2 (negatives come from the batch)")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        check(self.min_word_count >= 1, "data.min_word_count", "must be >= 1")
+        check(self.max_caption_words >= 1, "data.max_caption_words", "must be >= 1")
+        check(self.crop_size >= 8, "data.crop_size", "must be >= 8")
+        check(self.eval_resize >= self.crop_size, "data.eval_resize", "must be >= data.crop_size")
+        lo_hi = self.crop_scale
+        check(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.crop_scale",
+              f"must be [min, max] with 0 < min <= max <= 1, got {lo_hi}")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    grad_clip: float = 2.0  # max global grad norm; 0 disables
+    lr_decay_epochs: list[int] = field(default_factory=lambda: [15])  # x lr_decay at each
+    lr_decay: float = 0.1
+    warmup_steps: int = 0  # linear warm-up from 0
+
+    def validate(self) -> None:
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        check(0 < self.lr_decay <= 1, "optim.lr_decay", "must be in (0, 1]")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(all(e >= 0 for e in self.lr_decay_epochs), "optim.lr_decay_epochs", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    max_steps: int = 0  # stop after this many optimiser steps in total (0: run all epochs)
+    seed: int = 0
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 0  # deepspeed only: 0, 1 or 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 50  # steps between TensorBoard/console logs
+    eval_every: int = 0  # steps between validation runs (0: at the end of every epoch)
+    ckpt_every: int = 1000  # steps between checkpoints (also written after every evaluation)
+    keep_last: int = 3  # step checkpoints kept besides the best one
+    dist_timeout_s: int = 1800  # process-group timeout
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        check(self.zero_stage in (0, 1, 2), "train.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
+        check(self.zero_stage == 0 or self.backend == "deepspeed", "train.zero_stage",
+              "ZeRO needs train.backend=deepspeed")
+        check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        check(self.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+        check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        check(self.dist_timeout_s >= 10, "train.dist_timeout_s", "must be >= 10")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256  # images per rank per encoding step
+    folds: int = 1  # test protocol: 5 = COCO-1K (mean over 1000-image folds), 1 = full
+    val_folds: int = 1
+    max_val_images: int = 0  # cap the validation set for speed (0: all)
+
+    def validate(self) -> None:
+        check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        check(self.folds >= 1, "eval.folds", "must be >= 1")
+        check(self.val_folds >= 1, "eval.val_folds", "must be >= 1")
+        check(self.max_val_images >= 0, "eval.max_val_images", "must be >= 0")
+
+
+@dataclass
+class Config:
+    method: str = "vsepp"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: Any = None  # the method's model dataclass
+    loss: Any = None  # the method's loss dataclass
+
+    def validate(self) -> None:
+        for section in (self.data, self.optim, self.train, self.eval, self.model, self.loss):
+            if hasattr(section, "validate"):
+                section.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- parsing and checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        check(value in typing.get_args(tp), key, f"expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, f"expected int, got {value!r}")
+        return value
+    if tp is float:
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+              f"expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        check(isinstance(value, str), key, f"expected str, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``values``, failing on unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        child = node.setdefault(name, {})
+        check(isinstance(child, dict), dotted, f"'{name}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["optim.lr=1e-3", "data.hflip=false"]`` -> ``[("optim.lr", 0.001), ...]`` (YAML values)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: overrides look like section.key=value")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def build_config(raw: dict, overrides: list[str] = ()) -> Config:
+    """Resolve a config tree (from YAML) plus ``--set`` overrides into a validated Config."""
+    from xmdist.methods import get_method  # late: methods import the config types
+
+    raw = dict(raw or {})
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    method_name = raw.get("method", Config.method)
+    check(isinstance(method_name, str), "method", f"expected str, got {method_name!r}")
+    method = get_method(method_name)  # raises ConfigError naming the known methods
+    model_raw, loss_raw = raw.pop("model", None) or {}, raw.pop("loss", None) or {}
+    cfg = from_dict(Config, raw)
+    cfg.model = _coerce(model_raw, method.model_config, "model")
+    cfg.loss = _coerce(loss_raw, method.loss_config, "loss")
+    cfg.validate()
+    if hasattr(method, "validate_config"):
+        method.validate_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load ``path`` (YAML, optional) and apply overrides; errors name the file and key."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(raw, overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,56 @@
+"""Console and TensorBoard logging. Rank 0 gets a real logger, the others a null one, so the
+training loop never asks which rank it is on."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from xmdist.dist import DistEnv
+
+
+def setup_console(env: DistEnv) -> None:
+    """INFO on rank 0; warnings and errors (prefixed with the rank) everywhere."""
+    level = logging.INFO if env.is_main else logging.WARNING
+    fmt = f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class TensorBoardLogger:
+    def __init__(self, run_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}{name}", value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class NullLogger:
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def build_logger(env: DistEnv, run_dir: str | Path) -> TensorBoardLogger | NullLogger:
+    return TensorBoardLogger(run_dir) if env.is_main else NullLogger()

@@ -1,0 +1,64 @@
+"""VSE++ (Faghri et al.): hinge loss with hardest negatives mined over the GLOBAL batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from xmdist.config import Config, check
+from xmdist.dist import DistEnv, gather
+from xmdist.losses.contrastive import vse_loss
+from xmdist.methods import register
+from xmdist.models.vse import VSEModel
+
+
+@dataclass
+class VSEModelConfig:
+    backbone: str = "resnet152"  # resnet18..152, vgg16, vgg19, small_cnn
+    weights: str | None = "DEFAULT"  # torchvision weight name, a .pth path, or null (random)
+    finetune: bool = True  # False freezes the backbone
+    embed_dim: int = 1024
+    word_dim: int = 300
+    text_layers: int = 1
+
+    def validate(self) -> None:
+        check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+        check(self.word_dim >= 1, "model.word_dim", "must be >= 1")
+        check(self.text_layers >= 1, "model.text_layers", "must be >= 1")
+
+
+@dataclass
+class VSELossConfig:
+    margin: float = 0.2
+    max_violation: bool = True  # VSE++; False is the sum of hinges (VSE0)
+    warmup_epochs: int = 0  # sum of hinges for the first epochs, then max violation
+    reduction: Literal["sum", "mean"] = "sum"  # mean divides by the global batch: raise the lr
+
+    def validate(self) -> None:
+        check(self.margin >= 0, "loss.margin", "must be >= 0")
+        check(self.warmup_epochs >= 0, "loss.warmup_epochs", "must be >= 0")
+
+
+@register("vsepp")
+class VSEPP:
+    model_config = VSEModelConfig
+    loss_config = VSELossConfig
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+
+    def build_model(self, vocab_size: int) -> torch.nn.Module:
+        m = self.cfg.model
+        return VSEModel(vocab_size, m.backbone, m.embed_dim, m.word_dim, m.text_layers, m.weights, m.finetune)
+
+    def losses(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+               epoch: int) -> dict[str, torch.Tensor]:
+        """This rank's share of each loss term; ``loss`` is the total to optimise."""
+        c = self.cfg.loss
+        ids = batch["image_ids"]
+        img_all, txt_all = gather(out["img"], grad=True), gather(out["txt"], grad=True)
+        hard = c.max_violation and epoch >= c.warmup_epochs
+        vse = vse_loss(out["img"], out["txt"], img_all, txt_all, ids, gather(ids),
+                       margin=c.margin, max_violation=hard, reduction=c.reduction)
+        return {"loss": vse, "vse": vse}

@@ -1,0 +1,236 @@
+"""The training loop: data -> method -> backend, with evaluation, checkpoints and logging.
+
+Nothing here names a method or a backend: both come from the config through their registries.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from xmdist.backends import build_backend
+from xmdist.checkpoint import CheckpointManager, rng_state, set_rng_state
+from xmdist.config import Config, ConfigError, load_config, save_config
+from xmdist.data.decode import SampleDecoder
+from xmdist.data.info import ShardSet
+from xmdist.data.loader import TrainStream, make_loader, plan_epoch, steps_per_epoch
+from xmdist.data.vocab import Vocab
+from xmdist.dist import DistEnv, all_reduce_sum, barrier
+from xmdist.evaluate import evaluate, format_metrics
+from xmdist.logger import build_logger
+from xmdist.methods import get_method
+from xmdist.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def prepare_vocab(cfg: Config, shards: ShardSet, run_dir: Path, env: DistEnv) -> Vocab:
+    """Build the vocabulary from the training captions once (rank 0), or reuse the run's."""
+    path = run_dir / "vocab.json"
+    if env.is_main and not path.exists():
+        from xmdist.data.decode import decode_meta
+        from xmdist.data.loader import iter_raw_samples
+
+        split = shards.split(cfg.data.train_split)
+        captions = (c for s in iter_raw_samples(list(split.paths)) for c in decode_meta(s)["captions"])
+        vocab = Vocab.build(captions, cfg.data.min_word_count)
+        vocab.save(path)
+        log.info("vocabulary: %d words seen >= %d times in '%s' -> %s", len(vocab), cfg.data.min_word_count,
+                 split.name, path)
+    barrier()
+    return Vocab.load(path)
+
+
+def check_resume_config(cfg: Config, run_dir: Path) -> None:
+    """Refuse to continue a run with another method or model shape."""
+    old_path = run_dir / "config.yaml"
+    if not old_path.exists():
+        return
+    old = load_config(old_path)
+    for section in ("method", "model"):
+        if getattr(old, section) != getattr(cfg, section):
+            raise ConfigError(f"{section}: differs from the run being resumed in {run_dir} "
+                              f"({getattr(old, section)} != {getattr(cfg, section)}); use a new --out")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path, resume: str = "auto"):
+        self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume != "none":
+                check_resume_config(cfg, self.run_dir)
+            save_config(cfg, self.run_dir / "config.yaml")
+        barrier()
+        self.shards = ShardSet.open(cfg.data.shards)
+        self.train_split = self.shards.split(cfg.data.train_split)
+        self.val_split = self.shards.split(cfg.data.val_split)
+        self.ncap = self.shards.captions_per_image
+        d = cfg.data
+        self.vocab = prepare_vocab(cfg, self.shards, self.run_dir, env)
+        self.decoder = SampleDecoder(self.vocab, d.crop_size, d.eval_resize, tuple(d.crop_scale), d.hflip,
+                                     d.max_caption_words)
+        self.steps_per_epoch = steps_per_epoch(self.train_split, self.ncap, d.caption_mode,
+                                               d.batch_size * env.world_size)
+        self.method = get_method(cfg.method)(cfg, env)
+        model = self.method.build_model(len(self.vocab))
+        optimizer = build_optimizer(model.parameters(), cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch)
+        self.backend = build_backend(model, optimizer, scheduler, cfg, env)
+        self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_last)
+        self.logger = build_logger(env, self.run_dir)
+        self.step, self.epoch, self.batch_in_epoch, self.best_rsum = 0, 0, 0, -math.inf
+        torch.manual_seed(cfg.train.seed + env.rank)
+        if resume != "none":
+            self._resume(None if resume == "auto" else resume)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("%s: %.2fM parameters, %d step(s)/epoch (global batch %d on %d rank(s)), backend %s, %s",
+                 cfg.method, n_params / 1e6, self.steps_per_epoch, d.batch_size * env.world_size,
+                 env.world_size, cfg.train.backend, cfg.train.precision)
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> tuple[dict, dict]:
+        shared = self.backend.shared_state()
+        shared["trainer"] = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                             "best_rsum": self.best_rsum, "num_workers": self.cfg.data.num_workers,
+                             "world_size": self.env.world_size, "method": self.cfg.method}
+        rank = self.backend.rank_state()
+        rank["rng"] = rng_state()
+        return shared, rank
+
+    def save(self, best: bool = False) -> None:
+        path = self.ckpt.save(self.step, *self._state(), best=best)
+        log.info("checkpoint %s%s", path, " (best)" if best else "")
+
+    def _resume(self, name: str | None) -> None:
+        found = self.ckpt.load(name)
+        if found is None:
+            return
+        name, shared, rank = found
+        t = shared["trainer"]
+        if t["method"] != self.cfg.method:
+            raise ConfigError(f"method: checkpoint {name} was trained with {t['method']}, not {self.cfg.method}")
+        if t["world_size"] != self.env.world_size:
+            raise ConfigError(f"checkpoint {name} was written by {t['world_size']} ranks; resume with as many "
+                              f"(the global batch and the data order depend on it)")
+        if t["num_workers"] != self.cfg.data.num_workers:
+            log.warning("data.num_workers changed (%d -> %d): the data order after resume differs",
+                        t["num_workers"], self.cfg.data.num_workers)
+        self.backend.load(shared, rank)
+        set_rng_state(rank["rng"])
+        self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
+        self.best_rsum = t["best_rsum"]
+        log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", name, self.step, self.epoch,
+                 self.batch_in_epoch)
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        with self.backend.autocast():
+            out = self.backend.model(batch)
+        losses = self.method.losses(out, batch, self.epoch)
+        # Losses are this rank's share of the global-batch objective and the backends average
+        # gradients over ranks: scaling by the world size makes the gradient exact.
+        self.backend.backward(losses["loss"] * self.env.world_size)
+        losses["grad_norm"] = self.backend.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _loader(self):
+        d = self.cfg.data
+        plan = plan_epoch(self.train_split, self.epoch, self.cfg.train.seed, self.env.rank, self.env.world_size,
+                          d.num_workers, self.steps_per_epoch, self.batch_in_epoch)
+        stream = TrainStream(plan, self.decoder, d.batch_size, d.shuffle_buffer, d.caption_mode, self.ncap,
+                             self.cfg.train.seed, self.epoch, self.env.rank)
+        return make_loader(stream, plan.num_workers, d.pin_memory and self.env.device.type == "cuda")
+
+    def _done(self) -> bool:
+        t = self.cfg.train
+        return self.epoch >= t.epochs or (t.max_steps and self.step >= t.max_steps)
+
+    def fit(self) -> dict[str, float]:
+        t = self.cfg.train
+        window = {"sums": {}, "n": 0, "data": 0.0, "start": time.time()}
+        while not self._done():
+            data_t0 = time.time()
+            for batch in self._loader():
+                window["data"] += time.time() - data_t0
+                losses = self.train_step(batch)
+                self.step += 1
+                self.batch_in_epoch += 1
+                for k, v in losses.items():
+                    window["sums"][k] = window["sums"].get(k, 0.0) + v.float()
+                window["n"] += 1
+                if self.batch_in_epoch == self.steps_per_epoch:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if self.step % t.log_every == 0:
+                    self._log(window)
+                    window = {"sums": {}, "n": 0, "data": 0.0, "start": time.time()}
+                epoch_end = self.batch_in_epoch == 0
+                if (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end):
+                    self.validate()
+                elif self.step % t.ckpt_every == 0:
+                    self.save()
+                if self._done() or epoch_end:
+                    break
+                data_t0 = time.time()
+        self.save()
+        return self.final_test()
+
+    def _log(self, w: dict) -> None:
+        """Global means over the window; the only place training metrics cross ranks."""
+        names = sorted(w["sums"])
+        vals = all_reduce_sum(torch.stack([w["sums"][k] for k in names]).to(self.env.device)) / w["n"]
+        metrics = {k: float(v) for k, v in zip(names, vals)}
+        metrics["grad_norm"] /= self.env.world_size  # the same on every rank: a mean, not a sum
+        elapsed = time.time() - w["start"]
+        gb = self.cfg.data.batch_size * self.env.world_size
+        perf = {"lr": self.backend.lr(), "samples_per_s": gb * w["n"] / elapsed,
+                "samples_per_s_per_gpu": gb * w["n"] / elapsed / self.env.world_size,
+                "step_time_s": elapsed / w["n"], "data_wait_s": w["data"] / w["n"],
+                "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch}
+        if self.env.device.type == "cuda":
+            perf["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        self.logger.scalars(metrics, self.step, "train/")
+        self.logger.scalars(perf, self.step, "perf/")
+        log.info("step %d ep %.2f | %s | lr %.2e | %.0f samples/s | data %.0f%%", self.step, perf["epoch"],
+                 " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), perf["lr"], perf["samples_per_s"],
+                 100 * perf["data_wait_s"] / perf["step_time_s"])
+
+    def _evaluate(self, split, folds: int, max_images: int = 0) -> dict[str, float]:
+        c = self.cfg
+        return evaluate(self.backend.module, split, self.decoder, self.env, c.model.embed_dim, c.eval.batch_size,
+                        c.data.num_workers, self.ncap, folds, max_images, self.backend.autocast)
+
+    def validate(self) -> dict[str, float]:
+        metrics = self._evaluate(self.val_split, self.cfg.eval.val_folds, self.cfg.eval.max_val_images)
+        self.logger.scalars(metrics, self.step, "val/")
+        best = metrics["rsum"] > self.best_rsum
+        self.best_rsum = max(self.best_rsum, metrics["rsum"])
+        self.save(best=best)
+        return metrics
+
+    def final_test(self) -> dict[str, float]:
+        """Test scores of the best validation checkpoint (the last one if never validated)."""
+        best = self.ckpt.best_name()
+        if best:
+            _, shared, _ = self.ckpt.load(best)
+            self.backend.module.load_state_dict(shared["model"])
+        test = self.shards.split(self.cfg.data.test_split)
+        metrics = self._evaluate(test, self.cfg.eval.folds)
+        self.logger.scalars(metrics, self.step, "test/")
+        self.logger.flush()
+        result = {"split": test.name, "checkpoint": best or f"step_{self.step:08d}", "folds": self.cfg.eval.folds,
+                  "step": self.step, "best_val_rsum": self.best_rsum, **metrics}
+        if self.env.is_main:
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            log.info("test (%s): %s -> %s", result["checkpoint"], format_metrics(metrics), self.run_dir / "eval.json")
+        return result
+
+    def close(self) -> None:
+        self.logger.close()
