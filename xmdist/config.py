@@ -183,6 +183,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         check(isinstance(value, int) and not isinstance(value, bool), key, f"expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
               f"expected float, got {value!r}")
         return float(value)

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.transforms import v2
 
 from xmdist.data.vocab import Vocab, pad_captions
@@ -20,19 +20,25 @@ from xmdist.data.vocab import Vocab, pad_captions
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 # What a damaged sample raises: bad bytes, bad JSON, a missing member or field.
-DECODE_ERRORS = (RuntimeError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError)
+DECODE_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError)
 
 
 def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def decode_rgb(sample: dict) -> torch.Tensor:
-    """The sample's image as a uint8 tensor (3, H, W)."""
+def decode_rgb(sample: dict, min_size: int = 0) -> torch.Tensor:
+    """The sample's image as a uint8 tensor (3, H, W).
+
+    JPEGs much larger than ``min_size`` are decoded at a reduced scale (PIL draft mode: the
+    decoder skips DCT coefficients), never below ``min_size`` on the shorter side.
+    """
     for key in IMAGE_KEYS:
         if key in sample:
-            data = torch.frombuffer(bytearray(sample[key]), dtype=torch.uint8)
-            return decode_image(data, mode=ImageReadMode.RGB)
+            with Image.open(io.BytesIO(sample[key])) as img:
+                if min_size and img.format == "JPEG":
+                    img.draft("RGB", (min_size, min_size))
+                return v2.functional.pil_to_tensor(img.convert("RGB"))
     raise KeyError(f"sample {sample.get('__key__')} has no image member ({'/'.join(IMAGE_KEYS)})")
 
 
@@ -48,6 +54,7 @@ class SampleDecoder:
     def __init__(self, vocab: Vocab, crop_size: int, eval_resize: int, crop_scale: tuple[float, float],
                  hflip: bool, max_words: int):
         self.vocab, self.max_words = vocab, max_words
+        self.crop_size, self.eval_resize = crop_size, eval_resize
         normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         flip = [v2.RandomHorizontalFlip()] if hflip else []
         self.train_tf = v2.Compose([v2.RandomResizedCrop(crop_size, scale=tuple(crop_scale), antialias=True),
@@ -57,7 +64,7 @@ class SampleDecoder:
     def _seeded_train_image(self, sample: dict, caption: int, salt: tuple) -> torch.Tensor:
         key = f"{salt}-{sample['__key__']}-{caption}".encode()
         torch.manual_seed(zlib.crc32(key))  # deterministic augmentation per (epoch, sample, caption)
-        return self.train_tf(decode_rgb(sample))
+        return self.train_tf(decode_rgb(sample, self.crop_size))
 
     def train_item(self, sample: dict, caption: int, salt: tuple) -> tuple[torch.Tensor, list[int], int]:
         """One (image, caption) pair: augmented image (3, H, W), token ids, image id."""
@@ -77,7 +84,7 @@ class SampleDecoder:
         images, captions, ids = [], [], []
         for sample in samples:
             meta = decode_meta(sample)
-            images.append(self.eval_tf(decode_rgb(sample)))
+            images.append(self.eval_tf(decode_rgb(sample, self.eval_resize)))
             captions += [self.vocab.encode(c, self.max_words) for c in meta["captions"]]
             ids.append(int(meta["id"]))
         tokens, lengths = pad_captions(captions)

@@ -1,0 +1,43 @@
+"""CUDA paths (run with ``pytest -m gpu`` on a machine with a GPU; skipped elsewhere)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_smoke import final_model, train
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_ddp_nccl_precisions_train_and_resume(tiny_shards, tmp_path, precision):
+    out = tmp_path / precision
+    train(tiny_shards, out, "train.max_steps=3", f"train.precision={precision}", nproc=1)
+    proc = train(tiny_shards, out, "train.max_steps=6", f"train.precision={precision}", nproc=1)
+    assert "resumed from step_00000003" in proc.stdout
+    assert json.loads((out / "eval.json").read_text())["step"] == 6
+    assert all(torch.isfinite(v.float()).all() for v in final_model(out).values())
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("fp16", 2), ("fp32", 0)])
+def test_deepspeed_cuda(tiny_shards, tmp_path, precision, stage):
+    out = tmp_path / f"ds{stage}"
+    sets = ["train.backend=deepspeed", f"train.zero_stage={stage}", f"train.precision={precision}"]
+    train(tiny_shards, out, "train.max_steps=3", *sets, nproc=1)
+    proc = train(tiny_shards, out, "train.max_steps=5", *sets, nproc=1)
+    assert "resumed from step_00000003" in proc.stdout
+    assert json.loads((out / "eval.json").read_text())["step"] == 5
+
+
+def test_vse_loss_cuda_matches_cpu():
+    from xmdist.losses.contrastive import vse_loss
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    ids = torch.arange(64) // 2
+    cpu = vse_loss(img, txt, img, txt, ids, ids)
+    cuda = vse_loss(*(t.cuda() for t in (img, txt, img, txt, ids, ids)))
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,91 @@
+"""End to end: torchrun with 2 processes on tiny shards, DDP and DeepSpeed, resume, TensorBoard."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port
+
+COMMON = ["data.batch_size=8", "data.num_workers=1", "data.crop_size=32", "data.eval_resize=32",
+          "data.caption_mode=random", "data.min_word_count=1", "model.embed_dim=32", "model.word_dim=16",
+          "train.log_every=2", "train.ckpt_every=3", "train.eval_every=4", "eval.batch_size=16"]
+
+
+def train(shards: Path, out: Path, *overrides: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    sets = [a for o in (*COMMON, f"data.shards={shards}", *overrides) for a in ("--set", o)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+    cmd = [*launcher, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo_vsepp_synthetic.yaml"),
+           "--out", str(out), *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def final_model(out: Path) -> dict:
+    name = (out / "checkpoints" / "latest").read_text().strip()
+    return torch.load(out / "checkpoints" / name / "shared.pt", weights_only=True)["model"]
+
+
+def tb_scalars(out: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_train_resume_and_outputs(tiny_shards, tmp_path, backend):
+    extra = [f"train.backend={backend}"] + (["train.zero_stage=1"] if backend == "deepspeed" else [])
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny_shards, straight, "train.max_steps=8", *extra)
+    train(tiny_shards, split, "train.max_steps=4", *extra)
+    assert (split / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    proc = train(tiny_shards, split, "train.max_steps=8", *extra)
+    assert "resumed from step_00000004: step 4" in proc.stdout
+    # Resuming mid-epoch continues the same data and optimizer trajectory exactly.
+    a, b = final_model(straight), final_model(split)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+    result = json.loads((split / "eval.json").read_text())
+    assert result["step"] == 8 and result["split"] == "test"
+    assert {"i2t_r1", "i2t_r10", "t2i_r10", "rsum", "i2t_medr"} <= set(result)
+    assert (split / "config.yaml").is_file() and (split / "vocab.json").is_file()
+    scalars = tb_scalars(split)
+    assert scalars["train/loss"] == [2, 4, 6, 8]
+    for tag in ("train/grad_norm", "perf/lr", "perf/samples_per_s", "perf/samples_per_s_per_gpu",
+                "perf/data_wait_s", "val/rsum", "test/rsum"):
+        assert tag in scalars, tag
+
+
+def test_bf16_single_process(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "bf16", "train.max_steps=3", "train.precision=bf16", nproc=1)
+    assert (tmp_path / "bf16" / "eval.json").is_file()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=fast", "optim.lr: expected float"),
+    ("data.bogus=1", "data.bogus: unknown key"),
+    ("train.zero_stage=3", "train.zero_stage: must be 0, 1 or 2"),
+    ("method=clip", "method: unknown method 'clip'"),
+])
+def test_bad_config_fails_before_work(tiny_shards, tmp_path, override, message):
+    proc = train(tiny_shards, tmp_path / "bad", override, nproc=1, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_shards_exit_with_message(tmp_path):
+    proc = train(tmp_path / "nowhere", tmp_path / "run", nproc=1, check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
