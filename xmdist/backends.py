@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 from torch import nn
@@ -86,11 +87,21 @@ class DeepSpeedBackend:
             "zero_allow_untested_optimizer": True,  # plain torch Adam/SGD under ZeRO 1/2
             "steps_per_print": 10**9,
         }
+        # DeepSpeed reads the topology from the environment; a plain `python train.py` has none.
+        for var, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
+            os.environ.setdefault(var, str(value))
         deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model.to(env.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.model = self.engine
         self.module = self.engine.module
+        if DTYPES[t.precision] is not None:
+            # The engine casts parameters to bf16/fp16 but leaves float buffers (BatchNorm
+            # running statistics) behind, which the normalisation kernels refuse.
+            for m in self.module.modules():
+                for name, buf in m.named_buffers(recurse=False):
+                    if buf is not None and buf.is_floating_point():
+                        m._buffers[name] = buf.to(DTYPES[t.precision])
 
     def autocast(self):
         return contextlib.nullcontext()  # the engine holds bf16/fp16 weights itself

@@ -139,7 +139,7 @@ class Trainer:
         # gradients over ranks: scaling by the world size makes the gradient exact.
         self.backend.backward(losses["loss"] * self.env.world_size)
         losses["grad_norm"] = self.backend.step()
-        return {k: v.detach() for k, v in losses.items()}
+        return {k: torch.as_tensor(v).detach().float().to(self.env.device) for k, v in losses.items()}
 
     def _loader(self):
         d = self.cfg.data
@@ -164,7 +164,7 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += 1
                 for k, v in losses.items():
-                    window["sums"][k] = window["sums"].get(k, 0.0) + v.float()
+                    window["sums"][k] = window["sums"].get(k, 0.0) + v
                 window["n"] += 1
                 if self.batch_in_epoch == self.steps_per_epoch:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
