@@ -1,6 +1,7 @@
 """Training and evaluation streams: equal steps per rank, exact resume position, shard checks."""
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -9,26 +10,24 @@ import torch
 from conftest import make_synthetic
 from xmdist.data.decode import SampleDecoder
 from xmdist.data.info import ShardError, ShardSet
-from xmdist.data.loader import EvalStream, TrainStream, make_loader, plan_epoch, steps_per_epoch
-from xmdist.data.vocab import Vocab
+from xmdist.data.loader import EvalStream, build_vocab, StreamPlan, TrainStream, make_loader, steps_per_epoch, worker_count
 
 
 def _decoder(shards) -> SampleDecoder:
-    split = ShardSet.open(shards).split("train")
-    from xmdist.data.decode import decode_meta
-    from xmdist.data.loader import iter_raw_samples
-
-    vocab = Vocab.build((c for s in iter_raw_samples(list(split.paths)) for c in decode_meta(s)["captions"]), 1)
+    vocab = build_vocab(ShardSet.open(shards).split("train"), 1)
     return SampleDecoder(vocab, crop_size=24, eval_resize=32, crop_scale=(0.5, 1.0), hflip=True, max_words=20)
 
 
-def _batches(shards, rank, world, epoch=0, workers=0, start=0, batch=8, mode="all", steps=None):
+def _batches(shards, rank, world, epoch=0, workers=0, start=0, batch=8, mode="all", epochs=1, resampled=False,
+             vocab_from=None):
+    """Batches of global steps ``epoch * S + start`` up to the end of epoch ``epoch + epochs - 1``."""
     info = ShardSet.open(shards)
     split = info.split("train")
-    steps = steps or steps_per_epoch(split, info.captions_per_image, mode, batch * world)
-    plan = plan_epoch(split, epoch, seed=0, rank=rank, world=world, num_workers=workers, steps=steps, start=start)
-    stream = TrainStream(plan, _decoder(shards), batch, 50, mode, info.captions_per_image, 0, epoch, rank)
-    return list(make_loader(stream, plan.num_workers, False)), steps
+    steps = steps_per_epoch(split, info.captions_per_image, mode, batch * world)
+    workers = worker_count(split, world, workers, resampled)
+    plan = StreamPlan(split, rank, world, workers, steps, epoch * steps + start, seed=0, resampled=resampled)
+    stream = TrainStream(plan, _decoder(vocab_from or shards), batch, 50, mode, info.captions_per_image)
+    return list(itertools.islice(make_loader(stream, workers, False), epochs * steps - start)), steps
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +38,18 @@ def uneven_shards(tmp_path_factory):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_takes_the_same_number_of_steps(uneven_shards, world):
-    counts = set()
+    # A rank whose shards hold fewer samples than the epoch needs starts over on its own
+    # shards instead of ending early, so every rank delivers S batches per epoch, epoch after epoch.
     for rank in range(world):
-        batches, steps = _batches(uneven_shards, rank, world, mode="random")
-        counts.add(len(batches))
+        batches, steps = _batches(uneven_shards, rank, world, mode="random", epochs=2, workers=1)
+        assert len(batches) == 2 * steps
         assert all(b["images"].shape == (8, 3, 24, 24) for b in batches)
-    assert counts == {steps}
+
+
+def test_resampled_mode_draws_from_all_shards(uneven_shards):
+    batches, _ = _batches(uneven_shards, 0, 2, mode="random", resampled=True, epochs=2)
+    ids = set(torch.cat([b["image_ids"] for b in batches]).tolist())
+    assert len(ids) > 40  # not confined to one rank's shards
 
 
 def test_batches_are_well_formed(tiny_shards):
@@ -56,11 +61,11 @@ def test_batches_are_well_formed(tiny_shards):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_position_reproduces_the_rest_of_the_epoch(tiny_shards, workers):
-    full, steps = _batches(tiny_shards, 1, 2, epoch=3, workers=workers)
-    for start in (1, 5, steps - 1):
-        rest, _ = _batches(tiny_shards, 1, 2, epoch=3, workers=workers, start=start)
-        assert len(rest) == steps - start
+def test_resume_position_reproduces_the_rest_of_the_run(tiny_shards, workers):
+    full, steps = _batches(tiny_shards, 1, 2, epoch=3, workers=workers, epochs=2)
+    for start in (1, 5, steps - 1, steps + 2):  # mid-epoch and in the next epoch
+        rest, _ = _batches(tiny_shards, 1, 2, epoch=3, workers=workers, start=start, epochs=2)
+        assert len(rest) == 2 * steps - start
         for a, b in zip(full[start:], rest):
             assert torch.equal(a["image_ids"], b["image_ids"])
             assert torch.equal(a["images"], b["images"])  # augmentation too
@@ -85,9 +90,9 @@ def test_all_caption_mode_uses_every_caption(tiny_shards):
 def test_too_few_shards_for_ranks_is_refused(tiny_shards):
     split = ShardSet.open(tiny_shards).split("train")  # 7 shards
     with pytest.raises(ShardError, match="7 shard\\(s\\) for 8 ranks"):
-        plan_epoch(split, 0, 0, rank=0, world=8, num_workers=1, steps=1)
-    plan = plan_epoch(split, 0, 0, rank=0, world=3, num_workers=4, steps=1)
-    assert plan.num_workers == 2  # 7 shards / 3 ranks: two workers each
+        worker_count(split, world=8, num_workers=1)
+    assert worker_count(split, world=3, num_workers=4) == 2  # 7 shards / 3 ranks: two workers each
+    assert worker_count(split, world=8, num_workers=2, resampled=True) == 2
 
 
 def test_global_batch_larger_than_split_is_refused(tiny_shards):
@@ -139,3 +144,83 @@ def test_eval_stream_covers_split_once(tiny_shards, world):
             assert b["tokens"].shape[0] == 5 * b["images"].shape[0]
             ids += b["image_ids"].tolist()
     assert sorted(ids) == sorted(set(ids)) and len(ids) == split.num_samples
+
+
+def _rewrite_tar(path, edit):
+    """Rewrite a shard, passing each (name, bytes) member through ``edit`` (None drops it)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            for name, new in edit(m.name, data):
+                info = tarfile.TarInfo(name)
+                info.size = len(new)
+                tar.addfile(info, io.BytesIO(new))
+
+
+def test_member_needing_unpickling_is_refused(tiny_shards, tmp_path, caplog):
+    import pickle
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    payload = pickle.dumps(Boom())
+    first = []
+
+    def add_pickle(name, data):
+        key = name.split(".")[0]
+        if not first:
+            first.append(key)
+        yield name, data
+        if key == first[0] and name.endswith(".json"):
+            yield f"{key}.pyd", payload
+
+    _rewrite_tar(copy / "train-000000.tar", add_pickle)
+    from xmdist.data.loader import iter_raw_samples
+
+    skipped = []
+    keys = [s["__key__"] for s in iter_raw_samples([str(copy / "train-000000.tar")], skipped.append)]
+    assert first[0] not in keys and len(keys) == 39 and skipped == ["refused"]
+    assert any("not formats xmdist reads" in r.message for r in caplog.records)
+    batches, steps = _batches(copy, 0, 1, mode="random")  # training goes on
+    assert len(batches) == steps and sum(int(b["skipped"].sum()) for b in batches) >= 1
+
+
+def test_pickled_npy_is_rejected():
+    import io
+
+    import numpy as np
+
+    from xmdist.data.decode import decode_npy
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        decode_npy(buf.getvalue())
+
+
+def test_stream_that_decodes_nothing_is_an_error_not_a_stall(tiny_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    for tar in copy.glob("train-*.tar"):
+        _rewrite_tar(tar, lambda name, data: [] if name.endswith(".json") else [(name, data)])
+    with pytest.raises(ShardError, match="no caption words"):
+        build_vocab(ShardSet.open(copy).split("train"), 1)
+    with pytest.raises(ShardError, match="in a row could not be decoded.*no json member"):
+        _batches(copy, 0, 1, mode="random", vocab_from=tiny_shards)
+
+
+def test_truncated_shard_is_skipped(tiny_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    path = copy / "train-000001.tar"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    batches, steps = _batches(copy, 0, 1, mode="random")
+    assert len(batches) == steps

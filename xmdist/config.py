@@ -46,11 +46,14 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
     hflip: bool = True  # captions that name left/right want this off
     pin_memory: bool = True  # only used on CUDA
+    resampled: bool = False  # draw shards with replacement (each worker from the whole split)
+    epoch_steps: int = 0  # steps per epoch; 0: one pass over the split (floor(pairs / global batch))
 
     def validate(self) -> None:
         check(self.batch_size >= 2, "data.batch_size", "must be >= 2 (negatives come from the batch)")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        check(self.epoch_steps >= 0, "data.epoch_steps", "must be >= 0")
         check(self.min_word_count >= 1, "data.min_word_count", "must be >= 1")
         check(self.max_caption_words >= 1, "data.max_caption_words", "must be >= 1")
         check(self.crop_size >= 8, "data.crop_size", "must be >= 8")

@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from xmdist.backends import build_backend
 from xmdist.checkpoint import CheckpointManager, rng_state, set_rng_state
 from xmdist.config import Config, ConfigError, load_config, save_config
 from xmdist.data.decode import SampleDecoder
 from xmdist.data.info import ShardSet
-from xmdist.data.loader import TrainStream, make_loader, plan_epoch, steps_per_epoch
+from xmdist.data.loader import StreamPlan, build_vocab, TrainStream, make_loader, steps_per_epoch, worker_count
 from xmdist.data.vocab import Vocab
 from xmdist.dist import DistEnv, all_reduce_sum, barrier
 from xmdist.evaluate import evaluate, format_metrics
@@ -32,12 +33,8 @@ def prepare_vocab(cfg: Config, shards: ShardSet, run_dir: Path, env: DistEnv) ->
     """Build the vocabulary from the training captions once (rank 0), or reuse the run's."""
     path = run_dir / "vocab.json"
     if env.is_main and not path.exists():
-        from xmdist.data.decode import decode_meta
-        from xmdist.data.loader import iter_raw_samples
-
         split = shards.split(cfg.data.train_split)
-        captions = (c for s in iter_raw_samples(list(split.paths)) for c in decode_meta(s)["captions"])
-        vocab = Vocab.build(captions, cfg.data.min_word_count)
+        vocab = build_vocab(split, cfg.data.min_word_count)
         vocab.save(path)
         log.info("vocabulary: %d words seen >= %d times in '%s' -> %s", len(vocab), cfg.data.min_word_count,
                  split.name, path)
@@ -76,8 +73,9 @@ class Trainer:
         self.vocab = prepare_vocab(cfg, self.shards, self.run_dir, env)
         self.decoder = SampleDecoder(self.vocab, d.crop_size, d.eval_resize, tuple(d.crop_scale), d.hflip,
                                      d.max_caption_words)
-        self.steps_per_epoch = steps_per_epoch(self.train_split, self.ncap, d.caption_mode,
-                                               d.batch_size * env.world_size)
+        self.steps_per_epoch = d.epoch_steps or steps_per_epoch(self.train_split, self.ncap, d.caption_mode,
+                                                                d.batch_size * env.world_size)
+        self.num_workers = worker_count(self.train_split, env.world_size, d.num_workers, d.resampled)
         self.method = get_method(cfg.method)(cfg, env)
         model = self.method.build_model(len(self.vocab))
         optimizer = build_optimizer(model.parameters(), cfg.optim)
@@ -85,7 +83,7 @@ class Trainer:
         self.backend = build_backend(model, optimizer, scheduler, cfg, env)
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_last)
         self.logger = build_logger(env, self.run_dir)
-        self.step, self.epoch, self.batch_in_epoch, self.best_rsum = 0, 0, 0, -math.inf
+        self.step, self.best_rsum = 0, -math.inf
         torch.manual_seed(cfg.train.seed + env.rank)
         if resume != "none":
             self._resume(None if resume == "auto" else resume)
@@ -97,8 +95,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _state(self) -> tuple[dict, dict]:
         shared = self.backend.shared_state()
-        shared["trainer"] = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                             "best_rsum": self.best_rsum, "num_workers": self.cfg.data.num_workers,
+        shared["trainer"] = {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
+                             "best_rsum": self.best_rsum, "num_workers": self.num_workers,
                              "world_size": self.env.world_size, "method": self.cfg.method}
         rank = self.backend.rank_state()
         rank["rng"] = rng_state()
@@ -119,15 +117,21 @@ class Trainer:
         if t["world_size"] != self.env.world_size:
             raise ConfigError(f"checkpoint {name} was written by {t['world_size']} ranks; resume with as many "
                               f"(the global batch and the data order depend on it)")
-        if t["num_workers"] != self.cfg.data.num_workers:
-            log.warning("data.num_workers changed (%d -> %d): the data order after resume differs",
-                        t["num_workers"], self.cfg.data.num_workers)
+        if t["steps_per_epoch"] != self.steps_per_epoch:
+            raise ConfigError(f"checkpoint {name} has {t['steps_per_epoch']} steps per epoch, this config "
+                              f"{self.steps_per_epoch}: the batch size or the data changed")
+        if t["num_workers"] != self.num_workers:
+            log.warning("loader workers changed (%d -> %d): the data order after resume differs",
+                        t["num_workers"], self.num_workers)
         self.backend.load(shared, rank)
         set_rng_state(rank["rng"])
-        self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
-        self.best_rsum = t["best_rsum"]
+        self.step, self.best_rsum = t["step"], t["best_rsum"]
         log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", name, self.step, self.epoch,
-                 self.batch_in_epoch)
+                 self.step % self.steps_per_epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,44 +145,42 @@ class Trainer:
         losses["grad_norm"] = self.backend.step()
         return {k: torch.as_tensor(v).detach().float().to(self.env.device) for k, v in losses.items()}
 
-    def _loader(self):
-        d = self.cfg.data
-        plan = plan_epoch(self.train_split, self.epoch, self.cfg.train.seed, self.env.rank, self.env.world_size,
-                          d.num_workers, self.steps_per_epoch, self.batch_in_epoch)
-        stream = TrainStream(plan, self.decoder, d.batch_size, d.shuffle_buffer, d.caption_mode, self.ncap,
-                             self.cfg.train.seed, self.epoch, self.env.rank)
-        return make_loader(stream, plan.num_workers, d.pin_memory and self.env.device.type == "cuda")
+    def _loader(self) -> DataLoader:
+        """One loader for the rest of the run, starting at the current step."""
+        d, env = self.cfg.data, self.env
+        plan = StreamPlan(self.train_split, env.rank, env.world_size, self.num_workers, self.steps_per_epoch,
+                          self.step, self.cfg.train.seed, d.resampled)
+        stream = TrainStream(plan, self.decoder, d.batch_size, d.shuffle_buffer, d.caption_mode, self.ncap)
+        return make_loader(stream, self.num_workers, d.pin_memory and env.device.type == "cuda")
 
     def _done(self) -> bool:
         t = self.cfg.train
-        return self.epoch >= t.epochs or (t.max_steps and self.step >= t.max_steps)
+        return self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
 
     def fit(self) -> dict[str, float]:
         t = self.cfg.train
-        window = {"sums": {}, "n": 0, "data": 0.0, "start": time.time()}
+        new_window = lambda: {"sums": {}, "n": 0, "data": 0.0, "start": time.time()}  # noqa: E731
+        window, batches = new_window(), iter(self._loader())
         while not self._done():
             data_t0 = time.time()
-            for batch in self._loader():
-                window["data"] += time.time() - data_t0
-                losses = self.train_step(batch)
-                self.step += 1
-                self.batch_in_epoch += 1
-                for k, v in losses.items():
-                    window["sums"][k] = window["sums"].get(k, 0.0) + v
-                window["n"] += 1
-                if self.batch_in_epoch == self.steps_per_epoch:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                if self.step % t.log_every == 0:
-                    self._log(window)
-                    window = {"sums": {}, "n": 0, "data": 0.0, "start": time.time()}
-                epoch_end = self.batch_in_epoch == 0
-                if (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end):
-                    self.validate()
-                elif self.step % t.ckpt_every == 0:
-                    self.save()
-                if self._done() or epoch_end:
-                    break
-                data_t0 = time.time()
+            batch = next(batches)
+            window["data"] += time.time() - data_t0
+            skipped = batch.pop("skipped")
+            losses = self.train_step(batch)
+            losses["skipped_samples"] = skipped.float().sum().to(self.env.device)
+            self.step += 1
+            for k, v in losses.items():
+                window["sums"][k] = window["sums"].get(k, 0.0) + v
+            window["n"] += 1
+            if self.step % t.log_every == 0:
+                self._log(window)
+                window = new_window()
+            epoch_end = self.step % self.steps_per_epoch == 0
+            if (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end):
+                self.validate()
+            elif self.step % t.ckpt_every == 0:
+                self.save()
+        del batches  # stops the loader workers
         self.save()
         return self.final_test()
 
@@ -188,12 +190,13 @@ class Trainer:
         vals = all_reduce_sum(torch.stack([w["sums"][k] for k in names]).to(self.env.device)) / w["n"]
         metrics = {k: float(v) for k, v in zip(names, vals)}
         metrics["grad_norm"] /= self.env.world_size  # the same on every rank: a mean, not a sum
+        metrics["skipped_samples"] *= w["n"]  # a count over the window, not a mean
         elapsed = time.time() - w["start"]
         gb = self.cfg.data.batch_size * self.env.world_size
         perf = {"lr": self.backend.lr(), "samples_per_s": gb * w["n"] / elapsed,
                 "samples_per_s_per_gpu": gb * w["n"] / elapsed / self.env.world_size,
                 "step_time_s": elapsed / w["n"], "data_wait_s": w["data"] / w["n"],
-                "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch}
+                "epoch": self.step / self.steps_per_epoch}
         if self.env.device.type == "cuda":
             perf["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.scalars(metrics, self.step, "train/")

@@ -1,128 +1,203 @@
 """WebDataset streams for training and evaluation.
 
-Training (per rank, per epoch): the split's shard list is shuffled with an epoch seed that is
-the same on every rank, split by rank, then by loader worker. Each worker expands samples into
-(image, caption) pairs, passes them through a seeded shuffle buffer and batches them. Every
-rank takes exactly ``steps_per_epoch`` batches: a worker that runs out of shards starts over
-on its own shards (reshuffled), so a rank with smaller shards never stalls the others.
+Training: in every epoch the split's shard list is shuffled with an epoch seed that is the same
+on every rank, split by rank, then by loader worker. Each worker expands samples into (image,
+caption) pairs, passes them through a seeded shuffle buffer and batches them. Every rank takes
+exactly ``steps_per_epoch`` batches per epoch: a worker that runs out of shards starts over on
+its own shards (reshuffled), so a rank with smaller shards never stalls the others. In
+*resampled* mode each worker instead draws shards with replacement from the whole split.
 
-Everything is a function of (seed, epoch, rank, worker): batch b of an epoch is always the same
-batch, so resuming at step s skips the first s batches' worth of raw pairs *before* decoding
-and continues with the very same sequence as an uninterrupted run.
+One stream runs across epochs (workers persist; no restart at epoch boundaries). Global batch g
+of a rank always comes from logical worker ``g % W``, and everything is a function of (seed,
+epoch, rank, worker): batch g is the same batch in every run, so resuming at step s skips the
+first batches' worth of raw pairs *before* decoding and continues with the very same sequence.
+
+Only the members xmdist writes are read (``READABLE``); a sample with any other member (say a
+``.pickle`` or ``.pyd`` that would need unpickling) is refused and counted, as are undecodable
+samples and unreadable tar data. Counts travel with each batch (``skipped``).
 """
 from __future__ import annotations
 
 import logging
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from xmdist.data.decode import DECODE_ERRORS, SampleDecoder
+from xmdist.data.decode import DECODE_ERRORS, SampleDecoder, decode_meta
 from xmdist.data.info import ShardError, Split
+from xmdist.data.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-
-def _warn_and_continue(exn: Exception) -> bool:
-    log.warning("skipping unreadable shard data: %s", exn)
-    return True
+READABLE = {"jpg", "jpeg", "png", "json", "txt"}  # plus any "*.npy" (loaded without pickle)
+MAX_FAILURES_IN_A_ROW = 256  # then the data is not damaged but unusable: stop with a message
 
 
-def iter_raw_samples(paths: list[str]) -> Iterator[dict]:
-    """Raw samples (``{"__key__": ..., "jpg": bytes, ...}``) of the shards in order; corrupt
-    tar data is skipped with a warning (a truncated shard yields what precedes the damage)."""
+def refused_members(sample: dict) -> list[str]:
+    return [k for k in sample if not k.startswith("__") and k not in READABLE and not k.endswith("npy")]
+
+
+def iter_raw_samples(paths: list[str], on_skip: Callable[[str], None] | None = None) -> Iterator[dict]:
+    """Raw samples (``{"__key__": ..., "jpg": bytes, ...}``) of the shards in order.
+
+    Damaged tar data is skipped (a truncated shard yields what precedes the damage) and samples
+    with members xmdist never reads are refused; each calls ``on_skip(reason)``.
+    """
+    def handler(exn: Exception) -> bool:
+        log.warning("skipping unreadable shard data: %s", exn)
+        if on_skip:
+            on_skip("shard_error")
+        return True
+
     for path in paths:
         with open(path, "rb") as stream:
-            members = tar_file_expander([{"url": path, "stream": stream}], handler=_warn_and_continue)
-            yield from group_by_keys(members, handler=_warn_and_continue)
+            members = tar_file_expander([{"url": path, "stream": stream}], handler=handler)
+            for sample in group_by_keys(members, handler=handler):
+                bad = refused_members(sample)
+                if bad:
+                    log.warning("refusing sample %s of %s: member(s) %s are not formats xmdist reads "
+                                "(nothing is ever unpickled)", sample["__key__"], path, ", ".join(bad))
+                    if on_skip:
+                        on_skip("refused")
+                    continue
+                yield sample
 
 
 def _rng(*parts) -> random.Random:
     return random.Random("-".join(map(str, parts)))  # string seeds are hashed deterministically
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    """What one rank reads in one epoch: shards, workers and the batches still to produce."""
-    rank_shards: tuple[str, ...]
-    num_workers: int
-    steps: int  # batches per epoch on every rank
-    start: int  # first batch to produce (resume position)
-
-
-def plan_epoch(split: Split, epoch: int, seed: int, rank: int, world: int, num_workers: int,
-               steps: int, start: int = 0) -> StreamPlan:
+def worker_count(split: Split, world: int, num_workers: int, resampled: bool = False) -> int:
+    """Loader workers per rank: every worker needs a shard of its own (unless resampled)."""
+    if resampled:
+        return num_workers
     if len(split.paths) < world:
         raise ShardError(
             f"split '{split.name}' has {len(split.paths)} shard(s) for {world} ranks: every rank needs at "
-            f"least one; rewrite it with more, smaller shards (make_shards.py --samples-per-shard)")
-    shards = list(split.paths)
-    _rng(seed, "shards", epoch).shuffle(shards)  # identical on every rank
-    mine = tuple(shards[rank::world])
-    # Every worker needs a shard of its own; the rank with the fewest shards sets the limit.
-    workers = max(0, min(num_workers, len(split.paths) // world))
+            f"least one; rewrite it with more, smaller shards (make_shards.py --samples-per-shard) "
+            f"or set data.resampled=true")
+    workers = min(num_workers, len(split.paths) // world)
     if workers < num_workers:
         log.warning("data.num_workers=%d reduced to %d: only %d shard(s) per rank",
                     num_workers, workers, len(split.paths) // world)
-    return StreamPlan(mine, workers, steps, start)
+    return workers
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What one rank reads: its split, topology, epoch length and where to start."""
+    split: Split
+    rank: int
+    world: int
+    num_workers: int
+    steps_per_epoch: int
+    start_step: int = 0  # global step to resume at (epoch = start_step // steps_per_epoch)
+    seed: int = 0
+    resampled: bool = False
+
+    def worker_shards(self, epoch: int, worker: int, nworkers: int) -> Iterator[list[str]]:
+        """Successive passes over the shards logical ``worker`` reads in ``epoch``."""
+        if self.resampled:  # with replacement from the whole split, one shard at a time
+            rng = _rng(self.seed, "resample", epoch, self.rank, worker)
+            while True:
+                yield [rng.choice(self.split.paths)]
+        shards = list(self.split.paths)
+        _rng(self.seed, "shards", epoch).shuffle(shards)  # identical on every rank
+        mine = shards[self.rank::self.world][worker::nworkers]
+        yield mine
+        for p in range(1, 10**9):  # only when this worker runs dry before the epoch ends
+            order = list(mine)
+            _rng(self.seed, "pass", epoch, self.rank, worker, p).shuffle(order)
+            yield order
 
 
 class TrainStream(IterableDataset):
-    """Batches of one rank for one epoch (see module docstring)."""
+    """Endless batches of one rank, epoch after epoch (see module docstring)."""
 
     def __init__(self, plan: StreamPlan, decoder: SampleDecoder, batch_size: int, shuffle_buffer: int,
-                 caption_mode: str, captions_per_image: int, seed: int, epoch: int, rank: int):
+                 caption_mode: str, captions_per_image: int):
         self.plan, self.decoder, self.batch_size = plan, decoder, batch_size
         self.shuffle_buffer, self.caption_mode, self.ncap = shuffle_buffer, caption_mode, captions_per_image
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.skipped = 0  # undecodable samples seen by this worker
+        self.skipped = 0  # samples this worker skipped since its last batch
 
-    def _pairs(self, shards: tuple[str, ...], worker: int) -> Iterator[tuple[dict, int]]:
-        for p in range(10**9):  # passes over this worker's shards; normally only the first is used
-            order = list(shards)
-            if p:
-                _rng(self.seed, "pass", self.epoch, self.rank, worker, p).shuffle(order)
+    def _count_skip(self, reason: str) -> None:
+        self.skipped += 1
+
+    def _pairs(self, epoch: int, worker: int, nworkers: int) -> Iterator[tuple[dict, int]]:
+        for order in self.plan.worker_shards(epoch, worker, nworkers):
             produced = 0
-            for sample in iter_raw_samples(order):
+            for sample in iter_raw_samples(order, self._count_skip):
                 produced += 1
                 if self.caption_mode == "all":
                     yield from ((sample, c) for c in range(self.ncap))
                 else:
-                    yield sample, _rng(self.seed, "cap", self.epoch, sample["__key__"]).randrange(self.ncap)
-            if produced == 0:
-                raise ShardError(f"no readable sample in shards {order[:3]}...: they are empty or corrupt")
+                    yield sample, _rng(self.plan.seed, "cap", epoch, sample["__key__"]).randrange(self.ncap)
+            if produced == 0 and not self.plan.resampled:
+                raise ShardError(f"no readable sample in shards {order[:3]}: they are empty or damaged")
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        slot, nslots = (info.id, info.num_workers) if info else (0, 1)
-        plan = self.plan
-        # Slot k of the DataLoader plays logical worker (k + start) % W, so that the loader's
-        # round-robin order yields batches start, start+1, ... exactly as without the resume.
-        worker = (slot + plan.start) % nslots
-        mine = [b for b in range(worker, plan.steps, nslots)]  # this worker's batches
-        skip = sum(1 for b in mine if b < plan.start)
-        todo = len(mine) - skip
+    def _batches(self, epoch: int, worker: int, nworkers: int, first: int) -> Iterator[dict]:
+        """This worker's batches of ``epoch`` from epoch batch ``first`` on."""
+        plan, steps = self.plan, self.plan.steps_per_epoch
+        mine = [b for b in range(steps) if (epoch * steps + b) % nworkers == worker]
+        skip = sum(1 for b in mine if b < first)
         stream = wds_shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100),
-                             rng=_rng(self.seed, "buffer", self.epoch, self.rank, worker))(
-            self._pairs(plan.rank_shards[worker::nslots], worker))
+                             rng=_rng(plan.seed, "buffer", epoch, plan.rank, worker))(
+            self._pairs(epoch, worker, nworkers))
         for _ in range(skip * self.batch_size):
             next(stream)
-        for _ in range(todo):
+        salt, failures = (plan.seed, epoch), 0
+        for _ in range(len(mine) - skip):
             items = []
             while len(items) < self.batch_size:
                 sample, caption = next(stream)
                 try:
-                    items.append(self.decoder.train_item(sample, caption, salt=(self.seed, self.epoch)))
+                    items.append(self.decoder.train_item(sample, caption, salt=salt))
+                    failures = 0
                 except DECODE_ERRORS as e:  # a bad sample costs itself, never the run
+                    failures += 1
                     self.skipped += 1
                     log.warning("skipping sample %s of %s: %s: %s", sample.get("__key__"),
                                 sample.get("__url__"), type(e).__name__, e)
-            yield self.decoder.collate(items)
+                    if failures >= MAX_FAILURES_IN_A_ROW:
+                        raise ShardError(f"{failures} samples in a row could not be decoded, the last "
+                                         f"one: {type(e).__name__}: {e}") from None
+            batch = self.decoder.collate(items)
+            batch["skipped"] = torch.tensor([self.skipped])
+            self.skipped = 0
+            yield batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        slot, nslots = (info.id, info.num_workers) if info else (0, 1)
+        plan, steps = self.plan, self.plan.steps_per_epoch
+        # Slot k of the DataLoader plays logical worker (k + start) % W: the loader's
+        # round-robin order then yields global batches start, start + 1, ... as without resume.
+        worker = (slot + plan.start_step) % nslots
+        epoch, first = divmod(plan.start_step, steps)
+        while True:
+            yield from self._batches(epoch, worker, nslots, first)
+            epoch, first = epoch + 1, 0
+
+
+def build_vocab(split: Split, min_count: int) -> Vocab:
+    """Vocabulary of the split's captions (damaged samples skipped); an error if it has none."""
+    def captions() -> Iterator[str]:
+        for sample in iter_raw_samples(list(split.paths)):
+            try:
+                yield from decode_meta(sample)["captions"]
+            except DECODE_ERRORS as e:
+                log.warning("vocabulary: skipping sample %s: %s", sample.get("__key__"), e)
+
+    vocab = Vocab.build(captions(), min_count)
+    if len(vocab) <= 4:
+        raise ShardError(f"split '{split.name}' has no caption words seen >= {min_count} times: its samples "
+                         f"need a json member with 'captions'")
+    return vocab
 
 
 def steps_per_epoch(split: Split, captions_per_image: int, caption_mode: str, global_batch: int) -> int:
@@ -158,7 +233,7 @@ class EvalStream(IterableDataset):
             if start >= self.max_images:
                 break
             if not by_shard or i % self.world == self.rank:
-                for j, sample in enumerate(iter_raw_samples([path])):
+                for j, sample in enumerate(iter_raw_samples([path])):  # refused samples are dropped
                     index = start + j
                     if index < self.max_images and (by_shard or index % self.world == self.rank):
                         yield sample
