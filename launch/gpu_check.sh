@@ -11,7 +11,7 @@ python3 -c "import torch, torchvision, webdataset, deepspeed; print('torch', tor
 python3 launch/make_shards.py synthetic --out /tmp/xm_shards --num 4000 --val 500 --test 500 \
   --samples-per-shard 250 --workers 8 --seed 0 2>/dev/null
 for prec in bf16 fp32; do
-  python3 launch/bench.py --config configs/vsepp_coco.yaml --set data.shards=/tmp/xm_shards \
+  python3 launch/bench.py train --config configs/vsepp_coco.yaml --set data.shards=/tmp/xm_shards \
     --set model.weights=null --set train.precision=$prec --set data.num_workers=8 --steps 15 \
     --json "$out/bench_vsepp_r152_$prec.json" 2>&1 | grep -v Warning | tail -30
 done

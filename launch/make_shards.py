@@ -2,9 +2,14 @@
 """Build an xmdist shard set (WebDataset tars + ``_info.json``, see shards/README.md).
 
     python launch/make_shards.py synthetic --out shards/synthetic --num 10000 --seed 0 --workers 2
+    python launch/make_shards.py karpathy --json dataset_coco.json --images COCO_ROOT --out shards/coco
+    python launch/make_shards.py dcmh --images mirflickr25k-iall.mat --tags mirflickr25k-yall.mat \
+        --labels mirflickr25k-lall.mat --protocol dcmh --out shards/mirflickr
+    python launch/make_shards.py folder --images DIR --captions captions.jsonl --out shards/mine
 
-One function per subcommand (``cmd_<name>``) plus its ``add_<name>_args``; sources for real
-data sets (karpathy, dcmh, folder) plug in the same way.
+One function per subcommand (``cmd_<name>``) plus its ``add_<name>_args``. The converters of
+real data sets (``xmdist.data.converters``) read and split their source; problems with it
+are reported as ``error: ...`` with exit status 2.
 """
 import sys
 from pathlib import Path
@@ -15,14 +20,17 @@ import argparse  # noqa: E402
 import multiprocessing  # noqa: E402
 import time  # noqa: E402
 from functools import partial  # noqa: E402
-from typing import Callable, Iterable, Iterator  # noqa: E402
+from itertools import islice  # noqa: E402
+from typing import Callable, Iterable, Iterator, TypeVar  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
 from xmdist.data import synthetic  # noqa: E402
-from xmdist.data.writer import ShardSetWriter, foreign_files  # noqa: E402
+from xmdist.data.converters import (  # noqa: E402
+    Conversion, ConversionError, Record, dcmh, encode_item, folder, karpathy)
+from xmdist.data.writer import SPLITS, ShardSetWriter, foreign_files  # noqa: E402
 
-Record = tuple[str, str, dict[str, bytes]]  # (key, split, members)
+T = TypeVar("T")
 
 
 def _check_out_dir(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
@@ -36,27 +44,66 @@ def _check_out_dir(parser: argparse.ArgumentParser, out: Path, overwrite: bool) 
                      "pass --overwrite to write there anyway (only old shards and _info.json are deleted)")
 
 
-def _map_in_order(fn: Callable[[int], Record], ids: range, workers: int) -> Iterator[Record]:
-    """``map(fn, ids)`` in order, on a process pool when workers > 1 (same output either way)."""
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers >= ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse reports "invalid int value" for non-numbers
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _map_in_order(fn: Callable[[T], Record], items: Iterable[T], workers: int) -> Iterator[Record]:
+    """``map(fn, items)`` in order, on a process pool when workers > 1 (same output either way).
+
+    The pool works on one batch of items while the previous batch's results are consumed, so
+    at most two batches (64 items per worker each) are in memory.
+    """
     if workers == 1:
-        yield from map(fn, ids)
+        yield from map(fn, items)
         return
+    iterator = iter(items)
     with multiprocessing.Pool(workers) as pool:
-        yield from pool.imap(fn, ids, chunksize=16)
+        pending = None
+        while batch := list(islice(iterator, 64 * workers)):
+            submitted = pool.map_async(fn, batch, chunksize=16)
+            if pending is not None:
+                yield from pending.get()
+            pending = submitted
+        if pending is not None:
+            yield from pending.get()
 
 
 def _write(args: argparse.Namespace, records: Iterable[Record], total: int, members: Iterable[str],
-           fields: dict) -> None:
+           fields: dict, splits: Iterable[str] = SPLITS, note: str = "") -> None:
     """Write records to the shard set in ``--out`` with a progress bar, then print a summary."""
     start, out = time.time(), Path(args.out)
-    with ShardSetWriter(out, members, args.samples_per_shard) as writer:
+    with ShardSetWriter(out, members, args.samples_per_shard, splits) as writer:
         for key, split, sample in tqdm(records, total=total, unit="sample", file=sys.stderr,
                                        desc=f"{args.command} -> {out}"):
             writer.write(split, key, sample)
         info = writer.finish(fields)
     counts = ", ".join(f"{name} {s['num_samples']}" for name, s in info["splits"].items())
     num_shards = sum(len(s["shards"]) for s in info["splits"].values())
-    print(f"wrote {total} samples ({counts}) in {num_shards} shards to {out} ({time.time() - start:.1f}s)")
+    print(f"wrote {total} samples ({counts}) in {num_shards} shards to {out} ({time.time() - start:.1f}s)"
+          + (f"; {note}" if note else ""))
+
+
+def _convert(args: argparse.Namespace, conversion: Conversion) -> None:
+    """Show the converter's warnings, then write its items; ``generator`` records the arguments."""
+    for warning in conversion.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    generator = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
+                 if name not in ("command", "run", "parser", "out", "overwrite", "workers")}
+    _write(args, _map_in_order(encode_item, conversion.items, args.workers), conversion.total,
+           conversion.members, {**conversion.fields, "generator": generator}, conversion.splits,
+           conversion.summary)
 
 
 def add_synthetic_args(p: argparse.ArgumentParser) -> None:
@@ -93,11 +140,63 @@ def cmd_synthetic(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     _write(args, _map_in_order(job, range(args.num), args.workers), args.num, synthetic.MEMBERS, fields)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def add_karpathy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", type=Path, required=True, help="Karpathy split file (dataset_coco.json, ...)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="image root: files are ROOT/filepath/filename (COCO) or ROOT/filename (Flickr)")
+    restval = p.add_mutually_exclusive_group()
+    restval.add_argument("--restval-to-train", dest="restval_to_train", action="store_true", default=True,
+                         help="put COCO's restval images into train (default)")
+    restval.add_argument("--no-restval", dest="restval_to_train", action="store_false",
+                         help="leave restval images out")
+    p.add_argument("--skip-missing", action="store_true", help="leave out images whose file is missing")
+
+
+def cmd_karpathy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Karpathy splits of COCO / Flickr30K: train (+ restval), val and test with 5 captions each;
+    JPEG files are copied as they are."""
+    _check_out_dir(parser, Path(args.out), args.overwrite)
+    _convert(args, karpathy.convert(args.json, args.images, args.restval_to_train, args.skip_missing))
+
+
+def add_dcmh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=Path, required=True, help="MAT file with IAll (H x W x 3 x N uint8)")
+    p.add_argument("--tags", type=Path, required=True, help="MAT file with YAll (N x T bag of words)")
+    p.add_argument("--labels", type=Path, required=True, help="MAT file with LAll (N x L 0/1 labels)")
+    p.add_argument("--protocol", choices=sorted(dcmh.DEFAULT_NUM_TRAIN), default="dcmh",
+                   help="dcmh: uniform random splits; djsrh: label-stratified (default dcmh)")
+    p.add_argument("--num-query", type=_positive_int, default=2000, help="query items (default 2000)")
+    p.add_argument("--num-train", type=_positive_int, default=None,
+                   help="training items drawn from retrieval (default 10000 for dcmh, 5000 for djsrh)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="split seed (default 0)")
+    p.add_argument("--drop-unlabeled", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop items without any label before splitting (default on)")
+
+
+def cmd_dcmh(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """DCMH-format MAT files (MIRFlickr-25K, NUS-WIDE, IAPR TC-12): query and retrieval
+    (disjoint) and train (drawn from retrieval), with labels and tags."""
+    _check_out_dir(parser, Path(args.out), args.overwrite)
+    _convert(args, dcmh.convert(args.images, args.tags, args.labels, args.protocol, args.num_query,
+                                args.num_train, args.seed, args.drop_unlabeled))
+
+
+def add_folder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=Path, required=True, help="image folder; paths are relative to it")
+    p.add_argument("--captions", type=Path, required=True,
+                   help="captions file: .jsonl (image, captions, labels?, split?) or .csv "
+                        "(image, caption or caption_1..caption_k, labels?, split?)")
+    p.add_argument("--val-frac", type=float, default=0.05, help="validation fraction without a split field (0.05)")
+    p.add_argument("--test-frac", type=float, default=0.05, help="test fraction without a split field (0.05)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random split seed (default 0)")
+    p.add_argument("--skip-missing", action="store_true", help="leave out images whose file is missing")
+
+
+def cmd_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """An image folder with a JSONL or CSV captions file; splits from its split field or random."""
+    _check_out_dir(parser, Path(args.out), args.overwrite)
+    _convert(args, folder.convert(args.images, args.captions, args.val_frac, args.test_frac, args.seed,
+                                  args.skip_missing))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="SOURCE")
     for name, add_args, run, help_text in [
         ("synthetic", add_synthetic_args, cmd_synthetic, "deterministic coloured-shapes captions"),
+        ("karpathy", add_karpathy_args, cmd_karpathy, "COCO / Flickr30K with Karpathy's split file"),
+        ("dcmh", add_dcmh_args, cmd_dcmh, "MIRFlickr-25K / NUS-WIDE MAT files (DCMH release)"),
+        ("folder", add_folder_args, cmd_folder, "image folder + JSONL/CSV captions"),
     ]:
         p = commands.add_parser(name, help=help_text, description=run.__doc__)
         p.add_argument("--out", required=True, help="output directory for the shard set")
@@ -119,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.run(args, args.parser)
+    try:
+        args.run(args, args.parser)
+    except ConversionError as e:
+        args.parser.error(str(e))
     return 0
 
 

@@ -224,3 +224,20 @@ def test_truncated_shard_is_skipped(tiny_shards, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     batches, steps = _batches(copy, 0, 1, mode="random")
     assert len(batches) == steps
+
+
+def test_gpu_decode_path_matches_cpu_decoding(tiny_shards):
+    """The deferred (nvJPEG) path, run here on the CPU, gives the same augmented images."""
+    from xmdist.data.loader import iter_raw_samples
+
+    split = ShardSet.open(tiny_shards).split("train")
+    vocab = build_vocab(split, 1)
+    kw = dict(crop_size=24, eval_resize=32, crop_scale=(0.5, 1.0), hflip=True, max_words=20, draft=False)
+    cpu, deferred = SampleDecoder(vocab, **kw), SampleDecoder(vocab, **kw, gpu_decode=True)
+    samples = list(itertools.islice(iter_raw_samples(list(split.paths)), 6))
+    a = cpu.collate([cpu.train_item(s, 1, (0, 0)) for s in samples])
+    b = deferred.decode_on_device(deferred.collate([deferred.train_item(s, 1, (0, 0)) for s in samples]),
+                                  torch.device("cpu"))
+    assert torch.equal(a["tokens"], b["tokens"]) and a["images"].shape == b["images"].shape
+    assert a["images"].dtype == b["images"].dtype == torch.uint8
+    assert (a["images"].float() - b["images"].float()).abs().mean() < 4  # two JPEG decoders, same crops

@@ -46,6 +46,8 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
     hflip: bool = True  # captions that name left/right want this off
     pin_memory: bool = True  # only used on CUDA
+    jpeg_draft: bool = True  # decode large JPEGs at reduced scale (never below crop/resize size)
+    gpu_decode: bool = False  # decode JPEGs on the GPU (nvJPEG) when CPU decoding is the bottleneck
     resampled: bool = False  # draw shards with replacement (each worker from the whole split)
     epoch_steps: int = 0  # steps per epoch; 0: one pass over the split (floor(pairs / global batch))
 

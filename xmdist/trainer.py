@@ -71,8 +71,10 @@ class Trainer:
         self.ncap = self.shards.captions_per_image
         d = cfg.data
         self.vocab = prepare_vocab(cfg, self.shards, self.run_dir, env)
+        if d.gpu_decode and env.device.type != "cuda":
+            raise ConfigError("data.gpu_decode: needs a CUDA device")
         self.decoder = SampleDecoder(self.vocab, d.crop_size, d.eval_resize, tuple(d.crop_scale), d.hflip,
-                                     d.max_caption_words)
+                                     d.max_caption_words, d.jpeg_draft, d.gpu_decode)
         self.steps_per_epoch = d.epoch_steps or steps_per_epoch(self.train_split, self.ncap, d.caption_mode,
                                                                 d.batch_size * env.world_size)
         self.num_workers = worker_count(self.train_split, env.world_size, d.num_workers, d.resampled)
@@ -135,6 +137,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "jpeg" in batch:  # data.gpu_decode
+            batch = self.decoder.decode_on_device(batch, self.env.device)
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
         with self.backend.autocast():
             out = self.backend.model(batch)

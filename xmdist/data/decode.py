@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 import zlib
 
 import numpy as np
@@ -27,19 +28,31 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def decode_rgb(sample: dict, min_size: int = 0) -> torch.Tensor:
-    """The sample's image as a uint8 tensor (3, H, W).
+def decode_image(sample: dict, min_size: int = 0) -> Image.Image:
+    """The sample's image as an RGB PIL image.
 
     JPEGs much larger than ``min_size`` are decoded at a reduced scale (PIL draft mode: the
     decoder skips DCT coefficients), never below ``min_size`` on the shorter side.
     """
     for key in IMAGE_KEYS:
         if key in sample:
-            with Image.open(io.BytesIO(sample[key])) as img:
-                if min_size and img.format == "JPEG":
-                    img.draft("RGB", (min_size, min_size))
-                return v2.functional.pil_to_tensor(img.convert("RGB"))
+            img = Image.open(io.BytesIO(sample[key]))
+            if min_size and img.format == "JPEG":
+                img.draft("RGB", (min_size, min_size))
+            return img.convert("RGB")
     raise KeyError(f"sample {sample.get('__key__')} has no image member ({'/'.join(IMAGE_KEYS)})")
+
+
+def decode_rgb(sample: dict, min_size: int = 0) -> torch.Tensor:
+    """The sample's image as a uint8 tensor (3, H, W) (see :func:`decode_image`)."""
+    return v2.functional.pil_to_tensor(decode_image(sample, min_size))
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB batches (B, 3, H, W) -> float, ImageNet-normalised, on the tensor's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
 
 
 def decode_meta(sample: dict) -> dict:
@@ -52,39 +65,70 @@ class SampleDecoder:
     """Turns raw samples into training batches (one caption each) or evaluation batches (all)."""
 
     def __init__(self, vocab: Vocab, crop_size: int, eval_resize: int, crop_scale: tuple[float, float],
-                 hflip: bool, max_words: int):
+                 hflip: bool, max_words: int, draft: bool = True, gpu_decode: bool = False):
         self.vocab, self.max_words = vocab, max_words
+        self.draft, self.gpu_decode = draft, gpu_decode
         self.crop_size, self.eval_resize = crop_size, eval_resize
-        normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        # Batches stay uint8 (4x less to move between processes and to the GPU); the image
+        # encoder normalises on its device (normalize_images).
         flip = [v2.RandomHorizontalFlip()] if hflip else []
-        self.train_tf = v2.Compose([v2.RandomResizedCrop(crop_size, scale=tuple(crop_scale), antialias=True),
-                                    *flip, *normalize])
-        self.eval_tf = v2.Compose([v2.Resize(eval_resize, antialias=True), v2.CenterCrop(crop_size), *normalize])
+        self.augment = v2.Compose([v2.RandomResizedCrop(crop_size, scale=tuple(crop_scale), antialias=True), *flip])
+        self.eval_tf = v2.Compose([v2.Resize(eval_resize, antialias=True), v2.CenterCrop(crop_size),
+                                   v2.PILToTensor()])
 
-    def _seeded_train_image(self, sample: dict, caption: int, salt: tuple) -> torch.Tensor:
-        key = f"{salt}-{sample['__key__']}-{caption}".encode()
-        torch.manual_seed(zlib.crc32(key))  # deterministic augmentation per (epoch, sample, caption)
-        return self.train_tf(decode_rgb(sample, self.crop_size))
+    def _seed(self, sample: dict, caption: int, salt: tuple) -> int:
+        """Augmentation seed of one (epoch, sample, caption): the same in every run."""
+        return zlib.crc32(f"{salt}-{sample['__key__']}-{caption}".encode())
 
-    def train_item(self, sample: dict, caption: int, salt: tuple) -> tuple[torch.Tensor, list[int], int]:
-        """One (image, caption) pair: augmented image (3, H, W), token ids, image id."""
+    def train_item(self, sample: dict, caption: int, salt: tuple) -> tuple:
+        """One (image, caption) pair: augmented image (3, H, W), token ids, image id.
+
+        With ``gpu_decode`` the image stays encoded: (JPEG bytes as uint8, seed) instead.
+        """
         meta = decode_meta(sample)
         tokens = self.vocab.encode(meta["captions"][caption], self.max_words)
-        return self._seeded_train_image(sample, caption, salt), tokens, int(meta["id"])
+        seed = self._seed(sample, caption, salt)
+        if self.gpu_decode:
+            if "jpg" not in sample and "jpeg" not in sample:
+                raise ValueError("data.gpu_decode reads JPEG members only")
+            data = sample.get("jpg", sample.get("jpeg"))
+            return (torch.frombuffer(bytearray(data), dtype=torch.uint8), seed), tokens, int(meta["id"])
+        torch.default_generator.manual_seed(seed)  # v2 transforms draw from the CPU generator
+        image = self.augment(decode_image(sample, self.crop_size if self.draft else 0))
+        return v2.functional.pil_to_tensor(image), tokens, int(meta["id"])
 
-    @staticmethod
-    def collate(items: list[tuple[torch.Tensor, list[int], int]]) -> dict[str, torch.Tensor]:
+    def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
         images, captions, ids = zip(*items)
         tokens, lengths = pad_captions(list(captions))
-        return {"images": torch.stack(images), "tokens": tokens, "lengths": lengths,
-                "image_ids": torch.tensor(ids, dtype=torch.long)}
+        batch = {"tokens": tokens, "lengths": lengths, "image_ids": torch.tensor(ids, dtype=torch.long)}
+        if self.gpu_decode:
+            batch["jpeg"] = [data for data, _ in images]
+            batch["seeds"] = torch.tensor([seed for _, seed in images], dtype=torch.long)
+        else:
+            batch["images"] = torch.stack(images)
+        return batch
+
+    def decode_on_device(self, batch: dict, device: torch.device) -> dict:
+        """Finish a ``gpu_decode`` batch: nvJPEG decode and the same seeded augmentation on ``device``."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            images = decode_jpeg(batch.pop("jpeg"), mode=ImageReadMode.RGB, device=device)
+        out = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for image, seed in zip(images, batch.pop("seeds").tolist()):
+                torch.default_generator.manual_seed(seed)
+                out.append(self.augment(image))
+        batch["images"] = torch.stack(out)
+        return batch
 
     def eval_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         """``images`` (b, 3, H, W); ``tokens`` (b * ncap, L) with image i's captions at rows i*ncap..."""
         images, captions, ids = [], [], []
         for sample in samples:
             meta = decode_meta(sample)
-            images.append(self.eval_tf(decode_rgb(sample, self.eval_resize)))
+            images.append(self.eval_tf(decode_image(sample, self.eval_resize if self.draft else 0)))
             captions += [self.vocab.encode(c, self.max_words) for c in meta["captions"]]
             ids.append(int(meta["id"]))
         tokens, lengths = pad_captions(captions)

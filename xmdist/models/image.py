@@ -12,6 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
+from xmdist.data.decode import normalize_images
+
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19")
 
 
@@ -95,5 +97,8 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, 3, H, W): uint8 RGB (normalised here, on the device) or normalised floats."""
+        if images.dtype == torch.uint8:
+            images = normalize_images(images)
         images = images.to(self.fc.weight.dtype)  # bf16/fp16 engines hold low-precision weights
         return self.fc(self.backbone(images))

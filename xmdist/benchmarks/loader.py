@@ -1,0 +1,141 @@
+"""Loader benchmark: xmdist's shard stream against a per-file PIL ``Dataset`` on the same JPEGs.
+
+Both produce the same training batches (RandomResizedCrop to the output size, normalisation,
+tokenised captions) with the same number of worker processes. The per-file baseline opens each
+JPEG with PIL and decodes it at full size, as VSE++'s data loader does; xmdist reads tar shards
+sequentially and decodes JPEGs at reduced scale when the output size allows (PIL draft mode).
+With a GPU, the nvJPEG path (``data.gpu_decode``) is measured too.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+
+from xmdist.data.decode import IMAGENET_MEAN, IMAGENET_STD, SampleDecoder
+from xmdist.data.info import ShardSet
+from xmdist.data.loader import StreamPlan, TrainStream, make_loader, worker_count
+from xmdist.data.vocab import Vocab
+from xmdist.data.writer import ShardSetWriter, encode_json
+
+
+def _photo(args: tuple[int, int, int]) -> bytes:
+    """A photo-like JPEG: smooth gradient, shapes and sensor noise (so it compresses like one)."""
+    i, width, height = args
+    rng = np.random.default_rng(i)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(0, 255, 3)[None, None] + (x[..., None] * rng.uniform(-0.2, 0.2, 3)
+                                                 + y[..., None] * rng.uniform(-0.2, 0.2, 3))
+    img = Image.fromarray(np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(3, 9)):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        box = [x0, y0, x0 + rng.integers(20, 300), y0 + rng.integers(20, 300)]
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(rng.integers(0, 255, 3).tolist()))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_data(root: Path, num: int, width: int, height: int, workers: int) -> None:
+    """``root/images/*.jpg`` + ``captions.jsonl`` and the same JPEG bytes as ``root/shards``."""
+    done = root / "done.json"
+    if done.exists() and json.loads(done.read_text()) == [num, width, height]:
+        return
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    writer = ShardSetWriter(root / "shards", members=["jpg", "json"], splits=["train"],
+                            samples_per_shard=max(10, min(1000, num // 20)))
+    with Pool(workers) as pool, open(root / "captions.jsonl", "w") as captions:
+        jobs = ((i, width, height) for i in range(num))
+        for i, data in enumerate(pool.imap(_photo, jobs, chunksize=16)):
+            caption = f"photo number {i % 97} with shapes"
+            (root / "images" / f"{i:09d}.jpg").write_bytes(data)
+            captions.write(json.dumps({"image": f"{i:09d}.jpg", "caption": caption}) + "\n")
+            writer.write("train", f"{i:09d}", {"jpg": data, "json": encode_json({"id": i, "captions": [caption]})})
+    writer.finish({"source": "loader-benchmark", "captions_per_image": 1})
+    done.write_text(json.dumps([num, width, height]))
+
+
+class PerFileDataset(Dataset):
+    """The baseline: one JPEG file per sample, opened and fully decoded by PIL, VSE++'s transforms."""
+
+    def __init__(self, root: Path, vocab: Vocab, size: int):
+        from torchvision import transforms  # the classic PIL pipeline VSE++ uses
+
+        self.root, self.vocab = root, vocab
+        self.transform = transforms.Compose([
+            transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.items = [json.loads(line) for line in open(root / "captions.jsonl")]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        with Image.open(self.root / "images" / item["image"]) as img:
+            image = self.transform(img.convert("RGB"))
+        return image, self.vocab.encode(item["caption"]), i
+
+
+def samples_per_s(loader, batches: int, finish=None) -> float:
+    it = iter(loader)
+    next(it)  # worker start-up is not throughput
+    t0, n = time.perf_counter(), 0
+    for batch in itertools.islice(it, batches):
+        if finish:
+            batch = finish(batch)
+        n += len(batch["image_ids"])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="/tmp/xm_loader_bench", help="where the benchmark JPEGs are (made once)")
+    p.add_argument("--num", type=int, default=20000)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
+    p.add_argument("--sizes", default="64,224,384", help="output crop sizes")
+
+
+def run(args: argparse.Namespace) -> dict:
+    root = Path(args.data)
+    make_data(root, args.num, args.width, args.height, max(1, os.cpu_count() or 1))
+    split = ShardSet.open(root / "shards").split("train")
+    vocab = Vocab.build((f"photo number {i} with shapes" for i in range(97)), 1)
+    steps = split.num_samples // args.batch_size
+    result = {"images": f"{args.num} JPEGs {args.width}x{args.height}", "workers": args.workers,
+              "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "sizes": {}}
+    for size in (int(s) for s in args.sizes.split(",")):
+        decoder = SampleDecoder(vocab, size, size, (0.08, 1.0), True, 40)
+        plan = StreamPlan(split, 0, 1, worker_count(split, 1, args.workers), steps, seed=0)
+        stream = TrainStream(plan, decoder, args.batch_size, 1000, "random", 1)
+        shard_sps = samples_per_s(make_loader(stream, args.workers, False), args.batches)
+        baseline = DataLoader(PerFileDataset(root, vocab, size), batch_size=args.batch_size, shuffle=True,
+                              num_workers=args.workers, collate_fn=decoder.collate, prefetch_factor=4)
+        file_sps = samples_per_s(baseline, args.batches)
+        row = {"xmdist_samples_per_s": shard_sps, "per_file_pil_samples_per_s": file_sps,
+               "speedup": shard_sps / file_sps, "xmdist_per_worker": shard_sps / args.workers,
+               "per_file_per_worker": file_sps / args.workers}
+        if torch.cuda.is_available():
+            gpu = SampleDecoder(vocab, size, size, (0.08, 1.0), True, 40, gpu_decode=True)
+            stream = TrainStream(plan, gpu, args.batch_size, 1000, "random", 1)
+            device = torch.device("cuda")
+            row["xmdist_gpu_decode_samples_per_s"] = samples_per_s(
+                make_loader(stream, args.workers, True), args.batches, lambda b: gpu.decode_on_device(b, device))
+        result["sizes"][size] = row
+    return result
