@@ -32,7 +32,7 @@ def train(shards: Path, out: Path, *overrides: str, nproc: int = 2, check: bool 
 
 def final_model(out: Path) -> dict:
     name = (out / "checkpoints" / "latest").read_text().strip()
-    return torch.load(out / "checkpoints" / name / "shared.pt", weights_only=True)["model"]
+    return torch.load(out / "checkpoints" / name / "shared.pt", weights_only=True)["nets"]["model"]["model"]
 
 
 def tb_scalars(out: Path) -> dict[str, list]:

@@ -17,14 +17,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from xmdist.config import Config
+from xmdist.config import Config, OptimConfig
 from xmdist.dist import DistEnv
+from xmdist.optim import build_optimizer, build_scheduler
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DDPBackend:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config, env: DistEnv):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config, env: DistEnv,
+                 grad_clip: float):
         if cfg.train.precision == "fp16" and env.device.type != "cuda":
             raise ValueError("train.precision=fp16 needs a GPU (gradient scaling); use bf16 on CPU")
         self.module = model.to(env.device)
@@ -32,7 +34,7 @@ class DDPBackend:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dtype, self.device_type = DTYPES[cfg.train.precision], env.device.type
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
-        self.grad_clip = cfg.optim.grad_clip
+        self.grad_clip = grad_clip
 
     def autocast(self):
         if self.dtype is None:
@@ -73,14 +75,15 @@ class DDPBackend:
 class DeepSpeedBackend:
     """One DeepSpeed engine; ZeRO stage and bf16/fp16 come from the xmdist config."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config, env: DistEnv):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config, env: DistEnv,
+                 grad_clip: float):
         import deepspeed  # optional dependency: only imported when asked for
 
         t = cfg.train
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.data.batch_size,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.optim.grad_clip,
+            "gradient_clipping": grad_clip,
             "zero_optimization": {"stage": t.zero_stage},
             "bf16": {"enabled": t.precision == "bf16"},
             "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
@@ -137,6 +140,9 @@ class DeepSpeedBackend:
         self.scheduler.load_state_dict(shared["scheduler"])
 
 
-def build_backend(model: nn.Module, optimizer, scheduler, cfg: Config, env: DistEnv):
+def build_backend(model: nn.Module, optim: OptimConfig, steps_per_epoch: int, cfg: Config, env: DistEnv):
+    """Optimizer, schedule and backend for one network."""
+    optimizer = build_optimizer(model.parameters(), optim)
+    scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
     cls = DeepSpeedBackend if cfg.train.backend == "deepspeed" else DDPBackend
-    return cls(model, optimizer, scheduler, cfg, env)
+    return cls(model, optimizer, scheduler, cfg, env, optim.grad_clip)

@@ -71,6 +71,7 @@ class OptimConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
     grad_clip: float = 2.0  # max global grad norm; 0 disables
     lr_decay_epochs: list[int] = field(default_factory=lambda: [15])  # x lr_decay at each
     lr_decay: float = 0.1

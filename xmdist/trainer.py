@@ -24,7 +24,6 @@ from xmdist.dist import DistEnv, all_reduce_sum, barrier
 from xmdist.evaluate import evaluate, format_metrics
 from xmdist.logger import build_logger
 from xmdist.methods import get_method
-from xmdist.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -79,29 +78,28 @@ class Trainer:
                                                                 d.batch_size * env.world_size)
         self.num_workers = worker_count(self.train_split, env.world_size, d.num_workers, d.resampled)
         self.method = get_method(cfg.method)(cfg, env)
-        model = self.method.build_model(len(self.vocab))
-        optimizer = build_optimizer(model.parameters(), cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch)
-        self.backend = build_backend(model, optimizer, scheduler, cfg, env)
+        self.nets = {name: build_backend(net.module, net.optim, self.steps_per_epoch, cfg, env)
+                     for name, net in self.method.build(len(self.vocab)).items()}
+        self.model = self.nets["model"]  # the retrieval model: evaluation and final test
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_last)
         self.logger = build_logger(env, self.run_dir)
         self.step, self.best_rsum = 0, -math.inf
         torch.manual_seed(cfg.train.seed + env.rank)
         if resume != "none":
             self._resume(None if resume == "auto" else resume)
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("%s: %.2fM parameters, %d step(s)/epoch (global batch %d on %d rank(s)), backend %s, %s",
-                 cfg.method, n_params / 1e6, self.steps_per_epoch, d.batch_size * env.world_size,
+        sizes = ", ".join(f"{k} {sum(p.numel() for p in b.module.parameters()) / 1e6:.2f}M"
+                          for k, b in self.nets.items())
+        log.info("%s (%s parameters): %d step(s)/epoch (global batch %d on %d rank(s)), backend %s, %s",
+                 cfg.method, sizes, self.steps_per_epoch, d.batch_size * env.world_size,
                  env.world_size, cfg.train.backend, cfg.train.precision)
 
     # ------------------------------------------------------------------ state
     def _state(self) -> tuple[dict, dict]:
-        shared = self.backend.shared_state()
+        shared = {"nets": {k: b.shared_state() for k, b in self.nets.items()}}
         shared["trainer"] = {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
                              "best_rsum": self.best_rsum, "num_workers": self.num_workers,
                              "world_size": self.env.world_size, "method": self.cfg.method}
-        rank = self.backend.rank_state()
-        rank["rng"] = rng_state()
+        rank = {"nets": {k: b.rank_state() for k, b in self.nets.items()}, "rng": rng_state()}
         return shared, rank
 
     def save(self, best: bool = False) -> None:
@@ -125,7 +123,8 @@ class Trainer:
         if t["num_workers"] != self.num_workers:
             log.warning("loader workers changed (%d -> %d): the data order after resume differs",
                         t["num_workers"], self.num_workers)
-        self.backend.load(shared, rank)
+        for k, b in self.nets.items():
+            b.load(shared["nets"][k], rank["nets"][k])
         set_rng_state(rank["rng"])
         self.step, self.best_rsum = t["step"], t["best_rsum"]
         log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", name, self.step, self.epoch,
@@ -140,14 +139,20 @@ class Trainer:
         if "jpeg" in batch:  # data.gpu_decode
             batch = self.decoder.decode_on_device(batch, self.env.device)
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
-        with self.backend.autocast():
-            out = self.backend.model(batch)
-        losses = self.method.losses(out, batch, self.epoch)
-        # Losses are this rank's share of the global-batch objective and the backends average
-        # gradients over ranks: scaling by the world size makes the gradient exact.
-        self.backend.backward(losses["loss"] * self.env.world_size)
-        losses["grad_norm"] = self.backend.step()
-        return {k: torch.as_tensor(v).detach().float().to(self.env.device) for k, v in losses.items()}
+        with self.model.autocast():
+            out = self.method.forward(self.nets, batch)
+        logged = {}
+        for phase in self.method.phases:  # e.g. discriminators first, then the model
+            net = self.nets[phase.network]
+            with net.autocast():
+                terms = phase.loss(self.nets, batch, out, self.epoch)
+            # Losses are this rank's share of the global-batch objective and the backends
+            # average gradients over ranks: scaling by the world size makes gradients exact.
+            net.backward(terms["loss"] * self.env.world_size)
+            terms["grad_norm"] = net.step()
+            suffix = "" if phase.network == "model" else f"_{phase.network}"
+            logged.update({(k + suffix if k in ("loss", "grad_norm") else k): v for k, v in terms.items()})
+        return {k: torch.as_tensor(v).detach().float().to(self.env.device) for k, v in logged.items()}
 
     def _loader(self) -> DataLoader:
         """One loader for the rest of the run, starting at the current step."""
@@ -193,11 +198,13 @@ class Trainer:
         names = sorted(w["sums"])
         vals = all_reduce_sum(torch.stack([w["sums"][k] for k in names]).to(self.env.device)) / w["n"]
         metrics = {k: float(v) for k, v in zip(names, vals)}
-        metrics["grad_norm"] /= self.env.world_size  # the same on every rank: a mean, not a sum
+        for k in metrics:
+            if k.startswith("grad_norm"):
+                metrics[k] /= self.env.world_size  # the same on every rank: a mean, not a sum
         metrics["skipped_samples"] *= w["n"]  # a count over the window, not a mean
         elapsed = time.time() - w["start"]
         gb = self.cfg.data.batch_size * self.env.world_size
-        perf = {"lr": self.backend.lr(), "samples_per_s": gb * w["n"] / elapsed,
+        perf = {"lr": self.model.lr(), "samples_per_s": gb * w["n"] / elapsed,
                 "samples_per_s_per_gpu": gb * w["n"] / elapsed / self.env.world_size,
                 "step_time_s": elapsed / w["n"], "data_wait_s": w["data"] / w["n"],
                 "epoch": self.step / self.steps_per_epoch}
@@ -211,8 +218,8 @@ class Trainer:
 
     def _evaluate(self, split, folds: int, max_images: int = 0) -> dict[str, float]:
         c = self.cfg
-        return evaluate(self.backend.module, split, self.decoder, self.env, c.model.embed_dim, c.eval.batch_size,
-                        c.data.num_workers, self.ncap, folds, max_images, self.backend.autocast)
+        return evaluate(self.model.module, split, self.decoder, self.env, c.model.embed_dim, c.eval.batch_size,
+                        c.data.num_workers, self.ncap, folds, max_images, self.model.autocast)
 
     def validate(self) -> dict[str, float]:
         metrics = self._evaluate(self.val_split, self.cfg.eval.val_folds, self.cfg.eval.max_val_images)
@@ -227,7 +234,7 @@ class Trainer:
         best = self.ckpt.best_name()
         if best:
             _, shared, _ = self.ckpt.load(best)
-            self.backend.module.load_state_dict(shared["model"])
+            self.model.module.load_state_dict(shared["nets"]["model"]["model"])
         test = self.shards.split(self.cfg.data.test_split)
         metrics = self._evaluate(test, self.cfg.eval.folds)
         self.logger.scalars(metrics, self.step, "test/")

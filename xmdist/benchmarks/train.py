@@ -31,27 +31,38 @@ def bench_loader(trainer, batches: int) -> float:
 
 
 def bench_steps(trainer, steps: int, warmup: int) -> dict[str, float]:
-    env, backend, method = trainer.env, trainer.backend, trainer.method
+    """Mean time per step of: model forward; gather + loss forward and backward down to the
+    model outputs (graph cut at the outputs: exactly the trainer's computation); the rest of the
+    backward and the optimizer steps (including other networks' phases, e.g. discriminators)."""
+    env, method, nets = trainer.env, trainer.method, trainer.nets
     batches = [b for _, b in zip(range(min(steps, 8)), trainer._loader())]  # re-used: no data wait
     parts = {"forward": 0.0, "gather_loss": 0.0, "backward_step": 0.0}
     for i in range(warmup + steps):
-        batch = {k: v.to(env.device) for k, v in batches[i % len(batches)].items()}
+        batch = {k: v.to(env.device) for k, v in batches[i % len(batches)].items() if k != "skipped"}
         t0 = _sync(env)
-        with backend.autocast():
-            out = backend.model(batch)
+        with trainer.model.autocast():
+            out = method.forward(nets, batch)
         t1 = _sync(env)
-        leaves = {k: v.detach().requires_grad_() for k, v in out.items()}
-        losses = method.losses(leaves, batch, trainer.epoch)
-        (losses["loss"] * env.world_size).backward()
-        t2 = _sync(env)
-        torch.autograd.backward([out[k] for k in leaves], [leaves[k].grad for k in leaves])
-        backend.step()
-        t3 = _sync(env)
+        leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in out.items()}
+        gather_loss, rest = 0.0, 0.0
+        for phase in method.phases:
+            net = nets[phase.network]
+            ta = _sync(env)
+            with net.autocast():
+                terms = phase.loss(nets, batch, leaves, trainer.epoch)
+            net.backward(terms["loss"] * env.world_size)
+            tb = _sync(env)
+            if phase.network == "model":
+                grads = [(out[k], v.grad) for k, v in leaves.items() if v.grad is not None]
+                torch.autograd.backward([o for o, _ in grads], [g for _, g in grads])
+            net.step()
+            tc = _sync(env)
+            gather_loss += tb - ta if phase.network == "model" else 0.0
+            rest += tc - tb + (tb - ta if phase.network != "model" else 0.0)
         if i >= warmup:
             parts["forward"] += t1 - t0
-            parts["gather_loss"] += t2 - t1
-            parts["backward_step"] += t3 - t2
-    total = sum(parts.values())
+            parts["gather_loss"] += gather_loss
+            parts["backward_step"] += rest
     # The slowest rank sets the pace: report the mean over ranks of each part.
     vals = all_reduce_sum(torch.tensor(list(parts.values()), dtype=torch.float64)) / env.world_size
     parts = {k: float(v) / steps for k, v in zip(parts, vals)}
@@ -59,7 +70,7 @@ def bench_steps(trainer, steps: int, warmup: int) -> dict[str, float]:
     gb = trainer.cfg.data.batch_size * env.world_size
     return {"step_time_s": step, **{f"{k}_s": v for k, v in parts.items()},
             "gather_loss_share": parts["gather_loss"] / step, "train_samples_per_s": gb / step,
-            "train_samples_per_s_per_rank": gb / step / env.world_size, "_local_total_s": total}
+            "train_samples_per_s_per_rank": gb / step / env.world_size}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -94,7 +105,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "batch_size_per_rank": cfg.data.batch_size, "image_size": cfg.data.crop_size,
         "loader_workers_per_rank": cfg.data.num_workers,
         "loader_samples_per_s_per_rank": loader_sps, "loader_samples_per_s_total": loader_total,
-        **{k: v for k, v in steps.items() if not k.startswith("_")},
+        **steps,
     }
     if env.device.type == "cuda":
         result["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30

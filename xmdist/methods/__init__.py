@@ -1,14 +1,32 @@
-"""Registry of training methods.
+"""Registry of training methods, and the interface the trainer talks to.
 
-A method says how to build its model from the config, which losses it computes from the
-model's output dict, and how it encodes each modality for evaluation. The trainer, the data
-pipeline and the backends only ever talk to this interface.
+A method builds named networks, each optimised by its own optimizer (and, under DeepSpeed, its
+own engine); ``"model"`` is the retrieval model, whose ``encode_image``/``encode_text`` the
+evaluator calls. One training step is ``out = method.forward(nets, batch)`` once, then each
+``Phase`` in order: its loss is computed from ``out``, back-propagated and its network stepped
+(a GAN's discriminators first, then the model). Losses are this rank's share of the
+global-batch objective. The trainer, the data pipeline and the backends never name a method.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
-from xmdist.config import ConfigError
+from torch import nn
+
+from xmdist.config import ConfigError, OptimConfig
+
+
+@dataclass(frozen=True)
+class Network:
+    module: nn.Module
+    optim: OptimConfig
+
+
+@dataclass(frozen=True)
+class Phase:
+    network: str  # stepped after this phase's backward
+    loss: Callable  # (nets, batch, out, epoch) -> {"loss": share to optimise, other terms...}
 
 _METHODS: dict[str, type] = {}
 

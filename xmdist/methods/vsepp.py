@@ -9,7 +9,7 @@ import torch
 from xmdist.config import Config, check
 from xmdist.dist import DistEnv, gather
 from xmdist.losses.contrastive import vse_loss
-from xmdist.methods import register
+from xmdist.methods import Network, Phase, register
 from xmdist.models.vse import VSEModel
 
 
@@ -48,13 +48,21 @@ class VSEPP:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
 
-    def build_model(self, vocab_size: int) -> torch.nn.Module:
+    def build(self, vocab_size: int) -> dict[str, Network]:
         m = self.cfg.model
-        return VSEModel(vocab_size, m.backbone, m.embed_dim, m.word_dim, m.text_layers, m.weights, m.finetune)
+        model = VSEModel(vocab_size, m.backbone, m.embed_dim, m.word_dim, m.text_layers, m.weights, m.finetune)
+        return {"model": Network(model, self.cfg.optim)}
 
-    def losses(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+    @property
+    def phases(self) -> list[Phase]:
+        return [Phase("model", self.losses)]
+
+    def forward(self, nets: dict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return nets["model"].model(batch)
+
+    def losses(self, nets: dict, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
                epoch: int) -> dict[str, torch.Tensor]:
-        """This rank's share of each loss term; ``loss`` is the total to optimise."""
+        """This rank's share of the hinge loss over the global batch."""
         c = self.cfg.loss
         ids = batch["image_ids"]
         img_all, txt_all = gather(out["img"], grad=True), gather(out["txt"], grad=True)
