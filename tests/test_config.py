@@ -58,3 +58,13 @@ def test_bad_override_syntax_and_files(tmp_path):
 def test_every_shipped_config_is_valid():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_base_files_are_merged_section_by_section(tmp_path):
+    (tmp_path / "a.yaml").write_text("optim: {lr: 0.5, grad_clip: 1.0}\ndata: {batch_size: 4}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\noptim: {lr: 0.25}\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.optim.lr == 0.25 and cfg.optim.grad_clip == 1.0 and cfg.data.batch_size == 4
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "c.yaml")

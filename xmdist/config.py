@@ -98,6 +98,7 @@ class TrainConfig:
     log_every: int = 50  # steps between TensorBoard/console logs
     eval_every: int = 0  # steps between validation runs (0: at the end of every epoch)
     ckpt_every: int = 1000  # steps between checkpoints (also written after every evaluation)
+    media_every: int = 500  # steps between image/text samples in TensorBoard (methods that have them)
     keep_last: int = 3  # step checkpoints kept besides the best one
     dist_timeout_s: int = 1800  # process-group timeout
     deterministic: bool = False  # torch.use_deterministic_algorithms
@@ -111,6 +112,7 @@ class TrainConfig:
         check(self.log_every >= 1, "train.log_every", "must be >= 1")
         check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         check(self.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+        check(self.media_every >= 1, "train.media_every", "must be >= 1")
         check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         check(self.dist_timeout_s >= 10, "train.dist_timeout_s", "must be >= 10")
 
@@ -255,21 +257,39 @@ def build_config(raw: dict, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A config file as a tree; ``base: other.yaml`` (relative to the file) is read first and
+    the file's values override it, section by section."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load ``path`` (YAML, optional) and apply overrides; errors name the file and key."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return build_config(raw, overrides)
+    return build_config(read_yaml(path) if path is not None else {}, overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -31,6 +31,10 @@ class TensorBoardLogger:
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """``image`` (3, H, W) floats in [0, 1]."""
+        self.writer.add_image(tag, image, step)
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -43,6 +47,9 @@ class NullLogger:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def image(self, tag: str, image, step: int) -> None:
         pass
 
     def flush(self) -> None:

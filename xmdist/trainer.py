@@ -141,6 +141,7 @@ class Trainer:
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
         with self.model.autocast():
             out = self.method.forward(self.nets, batch)
+        self.last = (batch, out)  # for log_media
         logged = {}
         for phase in self.method.phases:  # e.g. discriminators first, then the model
             net = self.nets[phase.network]
@@ -184,6 +185,8 @@ class Trainer:
             if self.step % t.log_every == 0:
                 self._log(window)
                 window = new_window()
+            if self.step % t.media_every == 0 and hasattr(self.method, "log_media"):
+                self.method.log_media(self.nets, *self.last, self.vocab, self.logger, self.step)
             epoch_end = self.step % self.steps_per_epoch == 0
             if (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end):
                 self.validate()

@@ -24,7 +24,7 @@ class FeatureSeparation(nn.Module):
 
     A shared ``Linear + ReLU`` trunk followed by three linear heads: the three parts are a
     decomposition of one feature, so they share its first transformation and differ only in
-    the projection that separates them (also a third of the parameters of three full MLPs).
+    the projection that separates them (and the trunk is paid for once, not three times).
     """
 
     def __init__(self, in_dim: int, dim: int, hidden: int | None = None):
