@@ -17,11 +17,12 @@ COMMON = ["data.batch_size=8", "data.num_workers=1", "data.crop_size=32", "data.
           "train.log_every=2", "train.ckpt_every=3", "train.eval_every=4", "eval.batch_size=16"]
 
 
-def train(shards: Path, out: Path, *overrides: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def train(shards: Path, out: Path, *overrides: str, nproc: int = 2, check: bool = True,
+          config: str = "configs/demo_vsepp_synthetic.yaml") -> subprocess.CompletedProcess:
     sets = [a for o in (*COMMON, f"data.shards={shards}", *overrides) for a in ("--set", o)]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo_vsepp_synthetic.yaml"),
+    cmd = [*launcher, str(ROOT / "launch/train.py"), "--config", str(ROOT / config),
            "--out", str(out), *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)

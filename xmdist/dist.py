@@ -160,6 +160,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if _world() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s Python object on every rank (small objects only: metrics, flags)."""
     if _world() == 1:

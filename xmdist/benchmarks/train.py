@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import torch
 
 from xmdist.config import load_config
-from xmdist.dist import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, broadcast_object, destroy_distributed, init_distributed
 from xmdist.logger import setup_console
 
 
@@ -89,13 +91,15 @@ def run(args: argparse.Namespace) -> dict | None:
     init_distributed(env, cfg.train.dist_timeout_s)
     from xmdist.trainer import Trainer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, env, Path(tmp) / "run", resume="none")
-        loader_sps = bench_loader(trainer, args.loader_batches)
-        loader_total = float(all_reduce_sum(torch.tensor([loader_sps], dtype=torch.float64)))
-        steps = bench_steps(trainer, args.steps, args.warmup)
-        trainer.close()
-        barrier()
+    tmp = Path(broadcast_object(tempfile.mkdtemp() if env.is_main else None))  # one run dir for all ranks
+    trainer = Trainer(cfg, env, tmp / "run", resume="none")
+    loader_sps = bench_loader(trainer, args.loader_batches)
+    loader_total = float(all_reduce_sum(torch.tensor([loader_sps], dtype=torch.float64)))
+    steps = bench_steps(trainer, args.steps, args.warmup)
+    trainer.close()
+    barrier()
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "torch_threads": torch.get_num_threads(),
@@ -107,6 +111,9 @@ def run(args: argparse.Namespace) -> dict | None:
         "loader_samples_per_s_per_rank": loader_sps, "loader_samples_per_s_total": loader_total,
         **steps,
     }
+    # Peak host memory of the rank (the whole process: on CPU this includes the model's memory).
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
+    result["peak_rss_gb_per_rank_max"] = float(all_reduce_max(rss))
     if env.device.type == "cuda":
         result["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     is_main = env.is_main
