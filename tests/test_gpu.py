@@ -41,3 +41,15 @@ def test_vse_loss_cuda_matches_cpu():
     cpu = vse_loss(img, txt, img, txt, ids, ids)
     cuda = vse_loss(*(t.cuda() for t in (img, txt, img, txt, ids, ids)))
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_mfsr_fp16_with_a_scaler_per_network(tiny_shards, tmp_path, backend):
+    from test_mfsr import TINY
+
+    sets = [*TINY, "train.precision=fp16", f"train.backend={backend}", "train.max_steps=3"]
+    train(tiny_shards, tmp_path / "m", *sets, nproc=1, config="configs/mfsr_synthetic.yaml")
+    shared = torch.load(tmp_path / "m/checkpoints/step_00000003/shared.pt", weights_only=True)
+    assert set(shared["nets"]) == {"model", "d1", "d2"}
+    if backend == "ddp":  # one GradScaler per optimizer, each with its own scale
+        assert all(shared["nets"][n]["scaler"] for n in shared["nets"])

@@ -72,3 +72,27 @@ def _scalar_values(out) -> dict[str, list[float]]:
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_resume_restores_every_network_exactly(tiny_shards, tmp_path, backend):
+    sets = [*TINY, "data.num_workers=1", "train.log_every=2", "train.ckpt_every=100", "train.eval_every=100"]
+    if backend == "deepspeed":
+        sets += ["train.backend=deepspeed", "train.zero_stage=2"]
+    cfg = "configs/mfsr_synthetic.yaml"
+    train(tiny_shards, tmp_path / "straight", *sets, "train.max_steps=6", config=cfg)
+    train(tiny_shards, tmp_path / "split", *sets, "train.max_steps=3", config=cfg)
+    proc = train(tiny_shards, tmp_path / "split", *sets, "train.max_steps=6", config=cfg)
+    assert "resumed from step_00000003" in proc.stdout
+    a, b = (torch.load(tmp_path / run / "checkpoints/step_00000006/shared.pt", weights_only=True)["nets"]
+            for run in ("straight", "split"))
+    assert set(a) == {"model", "d1", "d2"}
+    for net in a:
+        for k, v in a[net]["model"].items():
+            torch.testing.assert_close(b[net]["model"][k], v, rtol=0, atol=0, msg=f"{net}.{k}")
+
+
+def test_bf16_cpu_run(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "bf16", *TINY, "train.max_steps=2", "train.precision=bf16", nproc=1,
+          config="configs/mfsr_synthetic.yaml")
+    assert (tmp_path / "bf16" / "eval.json").is_file()
