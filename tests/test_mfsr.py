@@ -92,7 +92,17 @@ def test_resume_restores_every_network_exactly(tiny_shards, tmp_path, backend):
             torch.testing.assert_close(b[net]["model"][k], v, rtol=0, atol=0, msg=f"{net}.{k}")
 
 
-def test_bf16_cpu_run(tiny_shards, tmp_path):
-    train(tiny_shards, tmp_path / "bf16", *TINY, "train.max_steps=2", "train.precision=bf16", nproc=1,
-          config="configs/mfsr_synthetic.yaml")
-    assert (tmp_path / "bf16" / "eval.json").is_file()
+def test_bf16_cpu_run_logs_media(tiny_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "bf16"
+    train(tiny_shards, out, *TINY, "train.max_steps=2", "train.precision=bf16", "train.media_every=2",
+          "train.log_every=1", nproc=1, config="configs/mfsr_synthetic.yaml")
+    assert (out / "eval.json").is_file()
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = acc.Tags()
+    assert "media/real_vs_reconstructed" in tags["images"]
+    assert any("captions_input_vs_reconstructed" in t for t in tags["tensors"])
+    for term in ("d1_real", "d1_fake", "d2_real", "d2_fake", "se", "mo", "sp", "img", "cap", "loss_d1"):
+        assert f"train/{term}" in tags["scalars"], term

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from xmdist.config import Config, OptimConfig, check
-from xmdist.dist import DistEnv, gather
+from xmdist.config import OptimConfig, check
+from xmdist.dist import gather
 from xmdist.losses.contrastive import vse_loss
 from xmdist.losses.mfsr import caption_loss, discriminator_loss, generator_loss, modality_loss, specific_loss
 from xmdist.methods import Network, Phase, register
-from xmdist.methods.vsepp import VSELossConfig, VSEModelConfig
+from xmdist.methods.vsepp import VSELossConfig, VSEModelConfig, VSEPP
 from xmdist.models.mfsr import Discriminator, MFSRModel, target_images
 
 
@@ -71,12 +71,10 @@ def frozen(module: torch.nn.Module):
 
 
 @register("mfsr")
-class MFSR:
+class MFSR(VSEPP):
+    """VSE++'s global-batch hinge on ``se``, plus the mFSR terms and networks."""
     model_config = MFSRModelConfig
     loss_config = MFSRLossConfig
-
-    def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.env = cfg, env
 
     def build(self, vocab_size: int) -> dict[str, Network]:
         m, c = self.cfg.model, self.cfg.loss
@@ -93,9 +91,6 @@ class MFSR:
     def phases(self) -> list[Phase]:
         gan = [Phase("d1", self.d1_loss), Phase("d2", self.d2_loss)] if self.cfg.model.image_recon else []
         return [*gan, Phase("model", self.model_loss)]
-
-    def forward(self, nets: dict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return nets["model"].model(batch)
 
     def _share(self, local_mean: torch.Tensor) -> torch.Tensor:
         """A rank-local mean as this rank's share of the mean over ranks."""
