@@ -90,3 +90,11 @@ def test_bad_config_fails_before_work(tiny_shards, tmp_path, override, message):
 def test_missing_shards_exit_with_message(tmp_path):
     proc = train(tmp_path / "nowhere", tmp_path / "run", nproc=1, check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_resume_with_another_model_is_refused_on_every_rank(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", "train.max_steps=2")
+    proc = train(tiny_shards, tmp_path / "run", "train.max_steps=4", "model.embed_dim=48", check=False)
+    assert proc.returncode != 0
+    assert "model: differs from the run being resumed" in proc.stderr
+    assert "Connection closed by peer" not in proc.stderr  # both ranks stopped on their own

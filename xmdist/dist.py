@@ -176,6 +176,20 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_main(fn, env: DistEnv):
+    """Run ``fn()`` on rank 0 only; an exception there is raised on every rank (same type and
+    message), so the other ranks never wait in a collective for a rank that has failed."""
+    error = None
+    if env.is_main:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, on every rank
+            error = e
+    error = broadcast_object(None if error is None else (type(error), str(error)))
+    if error is not None:
+        raise error[0](error[1])
+
+
 def barrier() -> None:
     if _world() > 1:
         dist.barrier()

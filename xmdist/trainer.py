@@ -20,7 +20,7 @@ from xmdist.data.decode import SampleDecoder
 from xmdist.data.info import ShardSet
 from xmdist.data.loader import StreamPlan, build_vocab, TrainStream, make_loader, steps_per_epoch, worker_count
 from xmdist.data.vocab import Vocab
-from xmdist.dist import DistEnv, all_reduce_sum, barrier
+from xmdist.dist import DistEnv, all_reduce_sum, on_main
 from xmdist.evaluate import evaluate, format_metrics
 from xmdist.logger import build_logger
 from xmdist.methods import get_method
@@ -31,13 +31,17 @@ log = logging.getLogger(__name__)
 def prepare_vocab(cfg: Config, shards: ShardSet, run_dir: Path, env: DistEnv) -> Vocab:
     """Build the vocabulary from the training captions once (rank 0), or reuse the run's."""
     path = run_dir / "vocab.json"
-    if env.is_main and not path.exists():
+
+    def build() -> None:
+        if path.exists():
+            return
         split = shards.split(cfg.data.train_split)
         vocab = build_vocab(split, cfg.data.min_word_count)
         vocab.save(path)
         log.info("vocabulary: %d words seen >= %d times in '%s' -> %s", len(vocab), cfg.data.min_word_count,
                  split.name, path)
-    barrier()
+
+    on_main(build, env)
     return Vocab.load(path)
 
 
@@ -58,12 +62,14 @@ class Trainer:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
-        if env.is_main:
+        if resume != "none":
+            check_resume_config(cfg, self.run_dir)  # on every rank: all of them stop alike
+
+        def write_config() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resume != "none":
-                check_resume_config(cfg, self.run_dir)
             save_config(cfg, self.run_dir / "config.yaml")
-        barrier()
+
+        on_main(write_config, env)
         self.shards = ShardSet.open(cfg.data.shards)
         self.train_split = self.shards.split(cfg.data.train_split)
         self.val_split = self.shards.split(cfg.data.val_split)
