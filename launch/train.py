@@ -7,12 +7,17 @@
     # overrides and resume
     torchrun ... launch/train.py --config ... --out runs/coco --set optim.lr=1e-4 --resume auto
 
-Exit codes: 0 done, 2 bad configuration or input (the message names the key or file), 1 other errors.
+SIGTERM, SIGINT and SIGUSR1 (SLURM's pre-emption warning) stop every rank after the current step
+with a checkpoint; rerunning the same command resumes there.
+
+Exit codes: 0 done, 2 bad configuration or input (the message names the key or file), 128 + N
+stopped by signal N after checkpointing, 1 other errors.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -51,11 +56,17 @@ def main(argv=None) -> int:
         env = DistEnv.from_environ(device=cfg.train.device)
         setup_console(env)
         init_distributed(env, cfg.train.dist_timeout_s)
-        from xmdist.trainer import Trainer
+        from xmdist.trainer import Stopped, Trainer
 
         trainer = Trainer(cfg, env, args.out, args.resume)
-        trainer.fit()
-        trainer.close()
+        try:
+            trainer.fit()
+        except Stopped as stop:
+            log.warning("stopped by %s at step %d; the checkpoint is in %s: rerun the same command to resume",
+                        signal.Signals(stop.signum).name, stop.step, args.out)
+            return stop.code
+        finally:
+            trainer.close()
         return 0
     except (ConfigError, ShardError, FileNotFoundError) as e:
         if env is None or env.is_main:

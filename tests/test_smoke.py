@@ -98,3 +98,39 @@ def test_resume_with_another_model_is_refused_on_every_rank(tiny_shards, tmp_pat
     assert proc.returncode != 0
     assert "model: differs from the run being resumed" in proc.stderr
     assert "Connection closed by peer" not in proc.stderr  # both ranks stopped on their own
+
+
+def test_sigterm_checkpoints_then_resume_matches(tiny_shards, tmp_path):
+    """SIGTERM to one rank mid-run: every rank stops after the same step with a checkpoint, and
+    rerunning the command ends with the same parameters as an uninterrupted run."""
+    import signal
+    import time
+
+    sets = ["train.max_steps=30", "train.ckpt_every=1000", "train.eval_every=1000", "train.log_every=1"]
+    train(tiny_shards, tmp_path / "straight", *sets)
+    out = tmp_path / "stopped"
+    args = [a for o in (*COMMON, f"data.shards={tiny_shards}", *sets) for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(ROOT / "launch/train.py"), "--config",
+           str(ROOT / "configs/demo_vsepp_synthetic.yaml"), "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:  # wait until training is under way, then signal rank 0's process
+        lines.append(line)
+        if "step 3 " in line:
+            pids = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+            workers = [int(p) for p in pids if int(p) != proc.pid]
+            os.kill(min(workers), signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    text = "".join(lines)
+    assert "received SIGTERM" in text and "stopped by SIGTERM" in text, text[-2000:]
+    stopped_at = int((out / "checkpoints" / "latest").read_text().strip()[5:])
+    assert 3 <= stopped_at < 30
+    time.sleep(1)
+    train(tiny_shards, out, *sets)
+    a, b = final_model(tmp_path / "straight"), final_model(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

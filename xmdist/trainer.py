@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from xmdist.data.decode import SampleDecoder
 from xmdist.data.info import ShardSet
 from xmdist.data.loader import StreamPlan, build_vocab, TrainStream, make_loader, steps_per_epoch, worker_count
 from xmdist.data.vocab import Vocab
-from xmdist.dist import DistEnv, all_reduce_sum, on_main
+from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, on_main
 from xmdist.evaluate import evaluate, format_metrics
 from xmdist.logger import build_logger
 from xmdist.methods import get_method
@@ -57,6 +59,37 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
                               f"({getattr(old, section)} != {getattr(cfg, section)}); use a new --out")
 
 
+class Stopped(SystemExit):
+    """Training stopped by a signal after writing a checkpoint; exit status 128 + signal."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(128 + signum)
+        self.signum, self.step = signum, step
+
+
+class StopSignal:
+    """SIGTERM / SIGINT / SIGUSR1 (a scheduler's pre-emption warning) ask every rank to stop.
+
+    The handler only sets a flag; ranks agree after each step (one tiny all-reduce) so they all
+    finish the same step and write one checkpoint together before exiting.
+    """
+
+    def __init__(self, env: DistEnv):
+        self.env, self.signum = env, 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        flag = all_reduce_max(torch.tensor([self.signum], device=self.env.device))
+        self.signum = int(flag.item())
+        return self.signum != 0
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path, resume: str = "auto"):
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
@@ -90,6 +123,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_last)
         self.logger = build_logger(env, self.run_dir)
         self.step, self.best_rsum = 0, -math.inf
+        self.stop = StopSignal(env)
         torch.manual_seed(cfg.train.seed + env.rank)
         if resume != "none":
             self._resume(None if resume == "auto" else resume)
@@ -198,6 +232,9 @@ class Trainer:
                 self.validate()
             elif self.step % t.ckpt_every == 0:
                 self.save()
+            if self.stop.requested():
+                self.save()
+                raise Stopped(self.stop.signum, self.step)
         del batches  # stops the loader workers
         self.save()
         return self.final_test()
