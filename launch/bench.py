@@ -6,6 +6,7 @@
     torchrun --standalone --nproc_per_node=2 launch/bench.py train --config configs/demo_vsepp_synthetic.yaml
     # loader: xmdist's shard stream against a per-file PIL Dataset on the same JPEGs
     python launch/bench.py loader --data /tmp/xm_loader_bench --num 20000 --workers 2
+    python launch/bench.py metrics --queries 2100 --db 193734 --bits 64 --labels 21 --loop-queries 200
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xmdist.benchmarks import loader, train  # noqa: E402
+from xmdist.benchmarks import loader, metrics, train  # noqa: E402
 
-BENCHMARKS = {"train": train, "loader": loader}
+BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics}
 
 
 def main(argv=None) -> int:
