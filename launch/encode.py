@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xmdist.config import ConfigError  # noqa: E402
 from xmdist.data.info import ShardError, ShardSet  # noqa: E402
-from xmdist.dist import DistEnv, broadcast_object, destroy_distributed, init_distributed  # noqa: E402
+from xmdist.cli import run_launcher  # noqa: E402
+from xmdist.dist import DistEnv, init_distributed, on_main  # noqa: E402
 from xmdist.index import IndexFormatError, check_target, save_index  # noqa: E402
 from xmdist.inference import RunError, load_run, read_split_meta  # noqa: E402
 from xmdist.logger import setup_console  # noqa: E402
@@ -71,8 +72,8 @@ def write_indexes(args, loaded, shards, split, img, cap, seconds: float) -> None
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = None
-    try:
+
+    def body() -> int:
         env = DistEnv.from_environ(device=args.device)
         setup_console(env)
         loaded = load_run(args.run, args.checkpoint, env.device)  # every rank checks before any collective
@@ -88,22 +89,11 @@ def main(argv=None) -> int:
         img, cap = encode_split(loaded.model, split, loaded.decoder, env, cfg.model.embed_dim,
                                 args.batch_size or cfg.eval.batch_size, cfg.data.num_workers,
                                 shards.captions_per_image, 0, loaded.autocast)
-        err = None
-        if env.is_main:
-            try:
-                write_indexes(args, loaded, shards, split, img, cap, time.time() - t0)
-            except (RunError, IndexFormatError, OSError) as e:
-                err = str(e)
-        err = broadcast_object(err)  # every rank exits with rank 0's outcome
-        if err:
-            raise RunError(err)
+        # rank 0 writes; a failure there stops every rank with the same error
+        on_main(lambda: write_indexes(args, loaded, shards, split, img, cap, time.time() - t0), env)
         return 0
-    except (ConfigError, ShardError, RunError, IndexFormatError, FileNotFoundError) as e:
-        if env is None or env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
+
+    return run_launcher(body, (ConfigError, ShardError, RunError, IndexFormatError, FileNotFoundError, OSError))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xmdist.config import ConfigError  # noqa: E402
 from xmdist.data.info import ShardError, ShardSet  # noqa: E402
-from xmdist.dist import DistEnv, destroy_distributed, init_distributed  # noqa: E402
+from xmdist.cli import run_launcher  # noqa: E402
+from xmdist.dist import DistEnv, init_distributed  # noqa: E402
 from xmdist.inference import RunError, load_run, read_split_images, read_split_meta  # noqa: E402
 from xmdist.logger import setup_console  # noqa: E402
 
@@ -185,8 +186,8 @@ def log_tensorboard(tb_dir: str, loaded, split, metrics: dict, emb: dict, curve:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = None
-    try:
+
+    def body() -> int:
         env = DistEnv.from_environ(device=args.device)
         setup_console(env)
         loaded = load_run(args.checkpoint, args.which, env.device)  # every rank checks before any collective
@@ -214,12 +215,8 @@ def main(argv=None) -> int:
             log.info("%s of %s (%s) -> %s%s", args.mode, split.name, loaded.checkpoint, args.out,
                      f", TensorBoard {tb}" if tb else "")
         return 0
-    except (ConfigError, ShardError, RunError, FileNotFoundError) as e:
-        if env is None or env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
+
+    return run_launcher(body, (ConfigError, ShardError, RunError, FileNotFoundError))
 
 
 if __name__ == "__main__":

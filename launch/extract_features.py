@@ -39,7 +39,8 @@ from xmdist.data.info import ShardError, ShardSet, Split  # noqa: E402
 from xmdist.data.loader import EvalStream, make_loader  # noqa: E402
 from xmdist.data.writer import (INFO_NAME, FORMAT_NAME, FORMAT_VERSION, ShardSetWriter, clear_shard_set,  # noqa: E402
                                 encode_json, encode_npy, foreign_files, shard_name)
-from xmdist.dist import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed  # noqa: E402
+from xmdist.cli import run_launcher  # noqa: E402
+from xmdist.dist import DistEnv, all_reduce_sum, barrier, init_distributed  # noqa: E402
 from xmdist.features import (RANDOM_WARNING, FeatureError, build_extractor, describe_weights,  # noqa: E402
                              eval_transform, feature_shape)
 from xmdist.logger import setup_console  # noqa: E402
@@ -283,19 +284,14 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = None
-    try:
+
+    def body() -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda but CUDA is not available on this machine")
-        env = DistEnv.from_environ(device=args.device)
-        run(args, env)
+        run(args, DistEnv.from_environ(device=args.device))
         return 0
-    except (ShardError, FeatureError, UsageError) as e:
-        if env is None or env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
+
+    return run_launcher(body, (ShardError, FeatureError, UsageError))
 
 
 if __name__ == "__main__":

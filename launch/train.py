@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xmdist.config import ConfigError, load_config  # noqa: E402
 from xmdist.data.info import ShardError  # noqa: E402
-from xmdist.dist import DistEnv, destroy_distributed, init_distributed  # noqa: E402
+from xmdist.cli import run_launcher  # noqa: E402
+from xmdist.dist import DistEnv, init_distributed  # noqa: E402
 from xmdist.logger import setup_console  # noqa: E402
 
 log = logging.getLogger("xmdist.train")
@@ -46,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = None
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config, args.overrides)  # every rank validates before any work
         if args.print_config:
             import yaml
@@ -68,12 +69,8 @@ def main(argv=None) -> int:
         finally:
             trainer.close()
         return 0
-    except (ConfigError, ShardError, FileNotFoundError) as e:
-        if env is None or env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
+
+    return run_launcher(body, (ConfigError, ShardError, FileNotFoundError))
 
 
 if __name__ == "__main__":
