@@ -1,4 +1,4 @@
-"""Tests for xmdist.metrics.hashing against naive per-query loops (METHODS.md section 4, literally).
+"""Tests for xmdist.metrics.hashing against naive per-query loops (the scoring definitions, literally).
 
 Few bits (K = 4 or 8) so Hamming distances collide a lot and the index tie-break matters; sparse
 labels so some queries have no relevant item at all.

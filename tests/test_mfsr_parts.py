@@ -208,7 +208,7 @@ def _shares(v: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Te
 
 
 def _naive(v: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The METHODS.md formulas written out on the whole batch (vse_loss has its own tests)."""
+    """The specified formulas written out on the whole batch (vse_loss has its own tests)."""
     m_v, m_l = v["img_mo"].mean(0), v["txt_mo"].mean(0)
     mo = ((v["img_mo"] - m_v) ** 2).sum(1).mean() + ((v["txt_mo"] - m_l) ** 2).sum(1).mean() \
         + torch.relu(DELTA - torch.linalg.vector_norm(m_v - m_l)) ** 2

@@ -1,4 +1,4 @@
-"""mFSR losses (METHODS.md 1.2): modality, specific, adversarial image and caption terms.
+"""mFSR losses: modality, specific, adversarial image and caption terms.
 
 Pure functions of tensors (no process group). The semantic loss ``L_se`` is
 :func:`xmdist.losses.contrastive.vse_loss` on the ``se`` vectors.

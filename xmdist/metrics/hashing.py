@@ -7,7 +7,7 @@ Inputs
     (n_db, C): multi-hot, entries in {0, 1}. numpy arrays or torch tensors; numpy inputs follow the
     device of the torch ones, torch inputs must share one device (CPU or CUDA); work happens there.
 
-Conventions (METHODS.md section 4)
+Conventions (those of the DJSRH/DCMH and AGAH/DGCPN evaluation code, stated exactly)
     Hamming distance ``dist = 0.5 * (K - q . b)``; relevant = shares >= 1 label. Each query ranks
     the database by ascending distance, ties by database index (stable: lower index first);
     positions are 1-based. Means are over ALL queries: one with no relevant item counts as 0.
