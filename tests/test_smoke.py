@@ -134,3 +134,14 @@ def test_sigterm_checkpoints_then_resume_matches(tiny_shards, tmp_path):
     a, b = final_model(tmp_path / "straight"), final_model(out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_shards, out, "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=1000", nproc=1)
+    latest = out / "checkpoints" / "step_00000004" / "shared.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])
+    proc = train(tiny_shards, out, "train.max_steps=6", "train.ckpt_every=2", "train.eval_every=1000", nproc=1)
+    assert "checkpoint step_00000004 unreadable" in proc.stdout
+    assert "resumed from step_00000002: step 2" in proc.stdout
+    assert json.loads((out / "eval.json").read_text())["step"] == 6
