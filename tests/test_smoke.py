@@ -27,7 +27,9 @@ def train(shards: Path, out: Path, *overrides: str, nproc: int = 2, check: bool 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line)  # every rank's
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n"
+                             f"errors:\n{errors}")
     return proc
 
 
@@ -119,9 +121,8 @@ def test_sigterm_checkpoints_then_resume_matches(tiny_shards, tmp_path):
     for line in proc.stdout:  # wait until training is under way, then signal rank 0's process
         lines.append(line)
         if "step 3 " in line:
-            pids = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
-            workers = [int(p) for p in pids if int(p) != proc.pid]
-            os.kill(min(workers), signal.SIGTERM)
+            ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            os.kill(int(ranks[0]), signal.SIGTERM)  # torchrun's children are the rank processes
             break
     lines += proc.stdout.readlines()
     proc.wait(timeout=120)

@@ -11,6 +11,7 @@ method registry (``xmdist.methods``), so ``method: vsepp`` validates against VSE
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -293,5 +294,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
+    """Write the resolved config atomically (a reader never sees half a file)."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -22,7 +22,7 @@ from xmdist.data.decode import SampleDecoder
 from xmdist.data.info import ShardSet
 from xmdist.data.loader import StreamPlan, build_vocab, TrainStream, make_loader, steps_per_epoch, worker_count
 from xmdist.data.vocab import Vocab
-from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, on_main
+from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, on_main
 from xmdist.evaluate import evaluate, format_metrics
 from xmdist.logger import build_logger
 from xmdist.methods import get_method
@@ -97,6 +97,7 @@ class Trainer:
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
         if resume != "none":
             check_resume_config(cfg, self.run_dir)  # on every rank: all of them stop alike
+        barrier()  # every rank has read the old config.yaml before rank 0 replaces it
 
         def write_config() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
