@@ -71,9 +71,12 @@ def test_train_resume_and_outputs(tiny_shards, tmp_path, backend):
         assert tag in scalars, tag
 
 
-def test_bf16_single_process(tiny_shards, tmp_path):
-    train(tiny_shards, tmp_path / "bf16", "train.max_steps=3", "train.precision=bf16", nproc=1)
+def test_bf16_single_process_with_a_given_vocabulary(tiny_shards, tmp_path):
+    (tmp_path / "vocab.json").write_text('{"words": ["<pad>", "<start>", "<end>", "<unk>", "red", "circle"]}')
+    train(tiny_shards, tmp_path / "bf16", "train.max_steps=3", "train.precision=bf16",
+          f"data.vocab={tmp_path / 'vocab.json'}", nproc=1)
     assert (tmp_path / "bf16" / "eval.json").is_file()
+    assert json.loads((tmp_path / "bf16" / "vocab.json").read_text())["words"][4:] == ["red", "circle"]
 
 
 @pytest.mark.parametrize("override,message", [

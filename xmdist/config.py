@@ -41,6 +41,7 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples held by each worker's shuffle buffer
     caption_mode: Literal["all", "random"] = "all"  # all: every caption is a pair (VSE++ epochs)
     min_word_count: int = 4  # vocabulary: words seen at least this often in train captions
+    vocab: str | None = None  # a vocab.json to use instead of building one (saves a pass over train)
     max_caption_words: int = 40
     crop_size: int = 224  # training crop / evaluation centre crop, pixels
     eval_resize: int = 256  # evaluation: resize shorter side, then centre crop

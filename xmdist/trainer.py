@@ -37,6 +37,10 @@ def prepare_vocab(cfg: Config, shards: ShardSet, run_dir: Path, env: DistEnv) ->
     def build() -> None:
         if path.exists():
             return
+        if cfg.data.vocab:
+            Vocab.load(cfg.data.vocab).save(path)  # checks it is a vocabulary file
+            log.info("vocabulary: %s -> %s", cfg.data.vocab, path)
+            return
         split = shards.split(cfg.data.train_split)
         vocab = build_vocab(split, cfg.data.min_word_count)
         vocab.save(path)
