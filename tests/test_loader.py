@@ -25,7 +25,7 @@ def _batches(shards, rank, world, epoch=0, workers=0, start=0, batch=8, mode="al
     split = info.split("train")
     steps = steps_per_epoch(split, info.captions_per_image, mode, batch * world)
     workers = worker_count(split, world, workers, resampled)
-    plan = StreamPlan(split, rank, world, workers, steps, epoch * steps + start, seed=0, resampled=resampled)
+    plan = StreamPlan(split, rank, world, steps, epoch * steps + start, seed=0, resampled=resampled)
     stream = TrainStream(plan, _decoder(vocab_from or shards), batch, 50, mode, info.captions_per_image)
     return list(itertools.islice(make_loader(stream, workers, False), epochs * steps - start)), steps
 

@@ -6,6 +6,7 @@ sits in a collective while another encodes the whole split alone.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -31,7 +32,7 @@ def encode_split(model: torch.nn.Module, split: Split, decoder: SampleDecoder, e
     loader = make_loader(stream, min(num_workers, 2), pin_memory=env.device.type == "cuda")
     ids, imgs, caps = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dim)], [torch.zeros(0, captions_per_image, dim)]
     for batch in loader:
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+        with autocast() if autocast else contextlib.nullcontext():
             img = model.encode_image(batch["images"].to(env.device, non_blocking=True))
             cap = model.encode_text(batch["tokens"].to(env.device), batch["lengths"].to(env.device))
         ids.append(batch["image_ids"])

@@ -203,7 +203,7 @@ class Trainer:
     def _loader(self) -> DataLoader:
         """One loader for the rest of the run, starting at the current step."""
         d, env = self.cfg.data, self.env
-        plan = StreamPlan(self.train_split, env.rank, env.world_size, self.num_workers, self.steps_per_epoch,
+        plan = StreamPlan(self.train_split, env.rank, env.world_size, self.steps_per_epoch,
                           self.step, self.cfg.train.seed, d.resampled)
         stream = TrainStream(plan, self.decoder, d.batch_size, d.shuffle_buffer, d.caption_mode, self.ncap)
         return make_loader(stream, self.num_workers, d.pin_memory and env.device.type == "cuda")

@@ -122,9 +122,10 @@ def run(args: argparse.Namespace) -> dict:
               "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "sizes": {}}
     for size in (int(s) for s in args.sizes.split(",")):
         decoder = SampleDecoder(vocab, size, size, (0.08, 1.0), True, 40)
-        plan = StreamPlan(split, 0, 1, worker_count(split, 1, args.workers), steps, seed=0)
+        workers = worker_count(split, 1, args.workers)
+        plan = StreamPlan(split, 0, 1, steps, seed=0)
         stream = TrainStream(plan, decoder, args.batch_size, 1000, "random", 1)
-        shard_sps = samples_per_s(make_loader(stream, args.workers, False), args.batches)
+        shard_sps = samples_per_s(make_loader(stream, workers, False), args.batches)
         baseline = DataLoader(PerFileDataset(root, vocab, size), batch_size=args.batch_size, shuffle=True,
                               num_workers=args.workers, collate_fn=decoder.collate, prefetch_factor=4)
         file_sps = samples_per_s(baseline, args.batches)
@@ -136,6 +137,6 @@ def run(args: argparse.Namespace) -> dict:
             stream = TrainStream(plan, gpu, args.batch_size, 1000, "random", 1)
             device = torch.device("cuda")
             row["xmdist_gpu_decode_samples_per_s"] = samples_per_s(
-                make_loader(stream, args.workers, True), args.batches, lambda b: gpu.decode_on_device(b, device))
+                make_loader(stream, workers, True), args.batches, lambda b: gpu.decode_on_device(b, device))
         result["sizes"][size] = row
     return result

@@ -90,11 +90,12 @@ def worker_count(split: Split, world: int, num_workers: int, resampled: bool = F
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """What one rank reads: its split, topology, epoch length and where to start."""
+    """What one rank reads: its split, topology, epoch length and where to start.
+
+    The number of loader workers is the DataLoader's (each worker asks for it at run time)."""
     split: Split
     rank: int
     world: int
-    num_workers: int
     steps_per_epoch: int
     start_step: int = 0  # global step to resume at (epoch = start_step // steps_per_epoch)
     seed: int = 0
