@@ -10,8 +10,9 @@
 SIGTERM, SIGINT and SIGUSR1 (SLURM's pre-emption warning) stop every rank after the current step
 with a checkpoint; rerunning the same command resumes there.
 
-Exit codes: 0 done, 2 bad configuration or input (the message names the key or file), 128 + N
-stopped by signal N after checkpointing, 1 other errors.
+Exit codes: 0 done, 2 bad configuration or input (the message names the key or file), 3 no
+progress for train.watchdog_s (every thread's stack is printed), 4 diverged (train.max_nonfinite
+non-finite steps in a row), 128 + N stopped by signal N after checkpointing, 1 other errors.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         env = DistEnv.from_environ(device=cfg.train.device)
         setup_console(env)
         init_distributed(env, cfg.train.dist_timeout_s)
-        from xmdist.trainer import Stopped, Trainer
+        from xmdist.trainer import NonFiniteError, Stopped, Trainer
 
         trainer = Trainer(cfg, env, args.out, args.resume)
         try:
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
             log.warning("stopped by %s at step %d; the checkpoint is in %s: rerun the same command to resume",
                         signal.Signals(stop.signum).name, stop.step, args.out)
             return stop.code
+        except NonFiniteError as e:
+            log.error("%s", e)
+            return 4
         finally:
             trainer.close()
         return 0

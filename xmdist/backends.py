@@ -45,12 +45,16 @@ class DDPBackend:
         self.scaler.scale(loss).backward()
 
     def step(self) -> torch.Tensor:
-        """Clip, step optimizer and scheduler; returns the total grad norm before clipping."""
+        """Clip, step optimizer and scheduler; returns the total grad norm before clipping.
+
+        A non-finite norm skips the optimizer step (the fp16 scaler does the same on overflow)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
-        self.scaler.step(self.optimizer)  # skipped by the scaler when fp16 grads overflowed
-        self.scaler.update()
+        # Gradients are all-reduced, so the norm and the decision are the same on every rank.
+        if self.scaler.is_enabled() or torch.isfinite(norm):
+            self.scaler.step(self.optimizer)  # skipped by the scaler when fp16 grads overflowed
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm

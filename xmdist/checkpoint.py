@@ -135,3 +135,6 @@ class CheckpointManager:
 
     def best_name(self) -> str | None:
         return self._pointer("best")
+
+    def latest_name(self) -> str | None:
+        return self._pointer("latest")

@@ -103,6 +103,8 @@ class TrainConfig:
     media_every: int = 500  # steps between image/text samples in TensorBoard (methods that have them)
     keep_last: int = 3  # step checkpoints kept besides the best one
     dist_timeout_s: int = 1800  # process-group timeout
+    watchdog_s: int = 1800  # no progress for this long: dump every thread's stack, exit 3 (0: off)
+    max_nonfinite: int = 5  # non-finite loss/gradient steps are skipped; abort after this many in a row
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
     def validate(self) -> None:
@@ -117,6 +119,8 @@ class TrainConfig:
         check(self.media_every >= 1, "train.media_every", "must be >= 1")
         check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         check(self.dist_timeout_s >= 10, "train.dist_timeout_s", "must be >= 10")
+        check(self.watchdog_s >= 0, "train.watchdog_s", "must be >= 0 (0: off)")
+        check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
 
 
 @dataclass

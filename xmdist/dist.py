@@ -93,10 +93,14 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
             os.environ["MASTER_PORT"] = str(_free_port())
         else:
             raise RuntimeError("MASTER_PORT is not set: launch with torchrun or srun, or export it")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix a
+    # restarted rank reads its peers' addresses from the failed attempt and cannot connect.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
-        backend=env.backend, rank=env.rank, world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        device_id=env.device if env.device.type == "cuda" else None,
+        backend=env.backend, store=dist.PrefixStore(f"xmdist/attempt_{attempt}", store), rank=env.rank,
+        world_size=env.world_size, timeout=timeout, device_id=env.device if env.device.type == "cuda" else None,
     )
 
 

@@ -24,8 +24,10 @@ from xmdist.data.loader import StreamPlan, build_vocab, TrainStream, make_loader
 from xmdist.data.vocab import Vocab
 from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, on_main
 from xmdist.evaluate import evaluate, format_metrics
+from xmdist.faults import FaultInjector
 from xmdist.logger import build_logger
 from xmdist.methods import get_method
+from xmdist.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,10 @@ class Stopped(SystemExit):
     def __init__(self, signum: int, step: int):
         super().__init__(128 + signum)
         self.signum, self.step = signum, step
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row: the run diverged."""
 
 
 class StopSignal:
@@ -129,6 +135,8 @@ class Trainer:
         self.logger = build_logger(env, self.run_dir)
         self.step, self.best_rsum = 0, -math.inf
         self.stop = StopSignal(env)
+        self.faults = FaultInjector(env.rank)
+        self.nonfinite_run = 0  # consecutive steps skipped for non-finite loss or gradients
         torch.manual_seed(cfg.train.seed + env.rank)
         if resume != "none":
             self._resume(None if resume == "auto" else resume)
@@ -181,24 +189,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimiser step of every phase. A phase whose loss (on any rank) or gradient norm is
+        not finite is skipped on every rank; ``nonfinite`` counts such steps."""
         if "jpeg" in batch:  # data.gpu_decode
             batch = self.decoder.decode_on_device(batch, self.env.device)
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
         with self.model.autocast():
             out = self.method.forward(self.nets, batch)
         self.last = (batch, out)  # for log_media
-        logged = {}
+        logged, nonfinite = {}, False
         for phase in self.method.phases:  # e.g. discriminators first, then the model
             net = self.nets[phase.network]
             with net.autocast():
                 terms = phase.loss(self.nets, batch, out, self.epoch)
+            if self.faults.corrupt_loss(self.step + 1):
+                terms["loss"] = terms["loss"] * math.nan
+            suffix = "" if phase.network == "model" else f"_{phase.network}"
+            bad = all_reduce_max((~torch.isfinite(terms["loss"].detach())).float().reshape(1))
+            if bad.item():  # no backward anywhere: DDP's all-reduce needs every rank or none
+                log.warning("step %d: non-finite %s loss on some rank; %s update skipped", self.step + 1,
+                            phase.network, phase.network)
+                nonfinite = True
+                continue
             # Losses are this rank's share of the global-batch objective and the backends
             # average gradients over ranks: scaling by the world size makes gradients exact.
             net.backward(terms["loss"] * self.env.world_size)
             terms["grad_norm"] = net.step()
-            suffix = "" if phase.network == "model" else f"_{phase.network}"
+            if not torch.isfinite(torch.as_tensor(terms["grad_norm"])) and self.cfg.train.precision != "fp16":
+                log.warning("step %d: non-finite %s gradients; update skipped", self.step + 1, phase.network)
+                nonfinite = True
+                continue
             logged.update({(k + suffix if k in ("loss", "grad_norm") else k): v for k, v in terms.items()})
+        self._count_nonfinite(nonfinite)
+        logged["nonfinite_steps"] = float(nonfinite)
         return {k: torch.as_tensor(v).detach().float().to(self.env.device) for k, v in logged.items()}
+
+    def _count_nonfinite(self, nonfinite: bool) -> None:
+        self.nonfinite_run = self.nonfinite_run + 1 if nonfinite else 0
+        limit = self.cfg.train.max_nonfinite
+        if self.nonfinite_run >= limit:
+            last = self.ckpt.latest_name() or "none yet"
+            raise NonFiniteError(f"{self.nonfinite_run} non-finite steps in a row (steps {self.step + 2 - limit}-"
+                                 f"{self.step + 1}, train.max_nonfinite={limit}): training diverged. Nothing "
+                                 f"was updated by those steps; the last checkpoint is {last}. Lower optim.lr, "
+                                 f"set optim.grad_clip or use fp32/bf16, then rerun to resume from it.")
 
     def _loader(self) -> DataLoader:
         """One loader for the rest of the run, starting at the current step."""
@@ -214,45 +248,56 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         t = self.cfg.train
-        new_window = lambda: {"sums": {}, "n": 0, "data": 0.0, "start": time.time()}  # noqa: E731
+        new_window = lambda: {"sums": {}, "counts": {}, "n": 0, "data": 0.0, "start": time.time()}  # noqa: E731
         window, batches = new_window(), iter(self._loader())
-        while not self._done():
-            data_t0 = time.time()
-            batch = next(batches)
-            window["data"] += time.time() - data_t0
-            skipped = batch.pop("skipped")
-            losses = self.train_step(batch)
-            losses["skipped_samples"] = skipped.float().sum().to(self.env.device)
-            self.step += 1
-            for k, v in losses.items():
-                window["sums"][k] = window["sums"].get(k, 0.0) + v
-            window["n"] += 1
-            if self.step % t.log_every == 0:
-                self._log(window)
-                window = new_window()
-            if self.step % t.media_every == 0 and hasattr(self.method, "log_media"):
-                self.method.log_media(self.nets, *self.last, self.vocab, self.logger, self.step)
-            epoch_end = self.step % self.steps_per_epoch == 0
-            if (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end):
-                self.validate()
-            elif self.step % t.ckpt_every == 0:
-                self.save()
-            if self.stop.requested():
-                self.save()
-                raise Stopped(self.stop.signum, self.step)
-        del batches  # stops the loader workers
-        self.save()
-        return self.final_test()
+        watchdog = Watchdog(t.watchdog_s, self.env.rank)
+        try:
+            while not self._done():
+                data_t0 = time.time()
+                batch = next(batches)
+                window["data"] += time.time() - data_t0
+                skipped = batch.pop("skipped")
+                losses = self.train_step(batch)
+                losses["skipped_samples"] = skipped.float().sum().to(self.env.device)
+                self.step += 1
+                watchdog.beat(f"step {self.step}")
+                for k, v in losses.items():
+                    window["sums"][k] = window["sums"].get(k, 0.0) + v
+                    window["counts"][k] = window["counts"].get(k, 0) + 1
+                window["n"] += 1
+                if self.step % t.log_every == 0:
+                    self._log(window)
+                    window = new_window()
+                if self.step % t.media_every == 0 and hasattr(self.method, "log_media"):
+                    self.method.log_media(self.nets, *self.last, self.vocab, self.logger, self.step)
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end):
+                    self.validate()
+                elif self.step % t.ckpt_every == 0:
+                    self.save()
+                watchdog.beat(f"step {self.step} (evaluation and checkpoint)")
+                self.faults.after_step(self.step, lambda: self.stop.signum != 0)
+                if self.stop.requested():
+                    self.save()
+                    raise Stopped(self.stop.signum, self.step)
+            del batches  # stops the loader workers
+            self.save()
+            watchdog.beat("final checkpoint")
+            return self.final_test()
+        finally:
+            watchdog.stop()
 
     def _log(self, w: dict) -> None:
         """Global means over the window; the only place training metrics cross ranks."""
-        names = sorted(w["sums"])
-        vals = all_reduce_sum(torch.stack([w["sums"][k] for k in names]).to(self.env.device)) / w["n"]
+        names = sorted(w["sums"])  # the same on every rank: steps are skipped on all or none
+        counts = torch.tensor([w["counts"][k] for k in names], device=self.env.device)
+        vals = all_reduce_sum(torch.stack([w["sums"][k] for k in names]).to(self.env.device)) / counts
         metrics = {k: float(v) for k, v in zip(names, vals)}
         for k in metrics:
-            if k.startswith("grad_norm"):
+            if k.startswith("grad_norm") or k == "nonfinite_steps":
                 metrics[k] /= self.env.world_size  # the same on every rank: a mean, not a sum
-        metrics["skipped_samples"] *= w["n"]  # a count over the window, not a mean
+        for k in ("skipped_samples", "nonfinite_steps"):
+            metrics[k] *= w["n"]  # a count over the window, not a mean
         elapsed = time.time() - w["start"]
         gb = self.cfg.data.batch_size * self.env.world_size
         perf = {"lr": self.model.lr(), "samples_per_s": gb * w["n"] / elapsed,

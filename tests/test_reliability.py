@@ -1,0 +1,120 @@
+"""Faults injected into real 2-process runs (xmdist/faults.py): signals, killed workers, NaN
+losses, hangs. Each test states what must survive; RELIABILITY.md lists the outcomes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT
+from test_smoke import final_model, train, train_command
+
+QUIET = ["train.ckpt_every=1000", "train.eval_every=1000", "train.log_every=1"]
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    """The pid of the worker process with RANK=rank among ``parent``'s children."""
+    pids = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} among the children {pids} of {parent}")
+
+
+def _assert_same_model(a: Path, b: Path) -> None:
+    x, y = final_model(a), final_model(b)
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, msg=k)
+
+
+def _stop_with_signal(shards: Path, out: Path, sig: signal.Signals, sets: list[str]) -> str:
+    """Rank 0 pauses after step 3 (fault), the test sends ``sig`` to rank 0's process only."""
+    cmd = train_command(shards, out, *sets)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "XMDIST_FAULT": "pause@3:0"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "pausing after step 3" in line:
+            os.kill(_rank_pid(proc.pid, 0), sig)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) != 0, "".join(lines)[-3000:]  # torchrun: 1 when a worker fails
+    return "".join(lines)
+
+
+def test_signal_checkpoints_then_resume_matches(tiny_shards, tmp_path):
+    """SIGTERM to one rank mid-run: every rank stops after the same step with a checkpoint, the
+    job exits 128 + 15, and rerunning the command ends with the parameters of an uninterrupted run."""
+    sets = ["train.max_steps=8", *QUIET]
+    train(tiny_shards, tmp_path / "straight", *sets)
+    out = tmp_path / "stopped"
+    text = _stop_with_signal(tiny_shards, out, signal.SIGTERM, sets)
+    assert "received SIGTERM" in text and "stopped by SIGTERM at step 3" in text, text[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    proc = train(tiny_shards, out, *sets)
+    assert "resumed from step_00000003: step 3" in proc.stdout
+    _assert_same_model(tmp_path / "straight", out)
+
+
+def test_sigint_stops_with_a_checkpoint(tiny_shards, tmp_path):
+    text = _stop_with_signal(tiny_shards, tmp_path / "run", signal.SIGINT, ["train.max_steps=8", *QUIET])
+    assert "stopped by SIGINT at step 3" in text
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "shared.pt").is_file()
+
+
+def test_killed_worker_restarts_and_matches(tiny_shards, tmp_path):
+    """kill -9 of rank 1 after step 5 under torchrun --max-restarts=1: the group restarts, resumes
+    from the step-4 checkpoint and ends with the parameters of an uninterrupted run."""
+    sets = ["train.max_steps=8", "train.ckpt_every=2", "train.eval_every=1000", "train.log_every=1"]
+    train(tiny_shards, tmp_path / "straight", *sets)
+    proc = train(tiny_shards, tmp_path / "killed", *sets, fault="kill@5:1", torchrun_args=("--max-restarts=1",))
+    assert "fault: kill after step 5" in proc.stdout
+    assert "resumed from step_00000004: step 4" in proc.stdout
+    _assert_same_model(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_nonfinite_loss_skips_the_step_on_every_rank(tiny_shards, tmp_path):
+    """A NaN loss on rank 1 at step 3: no rank updates at step 3, training goes on."""
+    out = tmp_path / "run"
+    proc = train(tiny_shards, out, "train.max_steps=5", "train.ckpt_every=1", "train.keep_last=10",
+                 "train.eval_every=1000", "train.log_every=1", fault="nan@3:1")
+    assert "step 3: non-finite model loss on some rank" in proc.stdout
+    ckpt = lambda s: torch.load(out / "checkpoints" / f"step_{s:08d}" / "shared.pt",  # noqa: E731
+                                weights_only=True)["nets"]["model"]["model"]
+    before, skipped, after = ckpt(2), ckpt(3), ckpt(4)
+    for k in [k for k in before if "running_" not in k and "num_batches" not in k]:  # BatchNorm buffers
+        torch.testing.assert_close(skipped[k], before[k], rtol=0, atol=0, msg=k)
+        assert torch.isfinite(after[k]).all(), k
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    counts = {e.step: e.value for e in acc.Scalars("train/nonfinite_steps")}
+    assert counts == {1: 0, 2: 0, 3: 1, 4: 0, 5: 0}
+    assert json.loads((out / "eval.json").read_text())["step"] == 5
+
+
+def test_nonfinite_run_aborts_with_a_message(tiny_shards, tmp_path):
+    proc = train(tiny_shards, tmp_path / "run", "train.max_steps=8", "train.max_nonfinite=3", *QUIET,
+                 check=False, fault="nan@2,nan@3,nan@4")
+    assert proc.returncode != 0
+    assert "3 non-finite steps in a row (steps 2-4, train.max_nonfinite=3): training diverged" in proc.stdout
+    assert "step 1" in proc.stdout and "step 5 " not in proc.stdout
+
+
+def test_watchdog_dumps_stacks_and_exits(tiny_shards, tmp_path):
+    """Rank 1 hangs after step 3; rank 0 waits in a collective. Both watchdogs fire within
+    train.watchdog_s, print every thread's stack and end the job instead of waiting 30 minutes."""
+    proc = train(tiny_shards, tmp_path / "run", "train.max_steps=8", "train.watchdog_s=6", *QUIET,
+                 check=False, fault="hang@3:1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "watchdog: rank 1 made no progress" in out and "watchdog: rank 0 made no progress" in out, out[-3000:]
+    assert "most recent call first" in out and "in after_step" in out  # rank 1's stack shows where it hangs

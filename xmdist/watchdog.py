@@ -1,0 +1,51 @@
+"""A hang detector: no progress for ``timeout_s`` dumps every thread's stack and ends the process.
+
+A rank stuck in a collective (a peer died or hangs) would otherwise wait for the process-group
+timeout, which is long by design. Each rank runs its own watchdog, so every rank of a hung job
+prints where it is before it exits with status :data:`EXIT_CODE`; torchrun (``--max-restarts``)
+or the scheduler then restarts the job from its last checkpoint.
+"""
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+EXIT_CODE = 3
+
+
+class Watchdog:
+    def __init__(self, timeout_s: float, rank: int):
+        self.timeout_s, self.rank = timeout_s, rank
+        self.what = "start"
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="xmdist-watchdog", daemon=True)
+            self._thread.start()
+
+    def beat(self, what: str) -> None:
+        """Progress: ``what`` was reached (named in the report if nothing follows)."""
+        self._last, self.what = time.monotonic(), what
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                log.error("watchdog: rank %d made no progress for %.0f s after %s (train.watchdog_s=%g); "
+                          "stacks of every thread follow, then exit %d", self.rank, idle, self.what,
+                          self.timeout_s, EXIT_CODE)
+                for h in logging.getLogger().handlers:
+                    h.flush()
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(EXIT_CODE)
+
+    def stop(self) -> None:
+        self._done.set()
