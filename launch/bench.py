@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xmdist.benchmarks import loader, metrics, train  # noqa: E402
+from xmdist.benchmarks import graph, loader, metrics, train  # noqa: E402
 
-BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics}
+BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics, "graph": graph}
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,16 @@
     torchrun ... launch/eval.py --checkpoint runs/coco --which step_00012000 --folds 5 \
         --out coco1k.json --tb runs/coco/tb_eval_1k
 
-``--mode common`` (the only mode so far): common-space R@1/5/10, medr, meanr and rsum with
-``xmdist.evaluate.evaluate`` (every rank encodes its share). With TensorBoard (``--tb``, default
+    # a hashing run (DJSRH, SGRN): test queries against the training set as database
+    torchrun ... launch/eval.py --checkpoint runs/sgrn64 --split test --database train --out sgrn64.json
+
+``--mode`` follows the run's method unless given. ``common``: common-space R@1/5/10, medr, meanr
+and rsum with ``xmdist.evaluate.evaluate`` (every rank encodes its share). ``hamming``: sign
+codes of the query split against the database split, mAP@all, mAP@K in both conventions
+(``window`` DJSRH/DCMH, ``first`` AGAH/DGCPN), the P@K curve, the PR curve over Hamming radius
+0..K and the chance level (fraction of relevant pairs), with ``xmdist.evaluate_hashing``; its
+TensorBoard shows the PR and P@K curves as images and each bit's balance over the database as
+histograms (``codes/bit_balance_{image,text}``: the mean of a bit, 0 = balanced). With TensorBoard (``--tb``, default
 RUN/tb_eval; ``--tb none`` skips it) the split is encoded a second time for: the metrics as
 scalars ``SPLIT/...``, the recall@K curves (K = 1..50, both directions; also in the JSON) drawn
 as an image, and retrieval examples over the whole split: 4 query images with their top-5
@@ -49,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shards", help="shard set directory (default: the run's data.shards)")
     p.add_argument("--split", help="split to evaluate (default: the run's data.test_split)")
     p.add_argument("--folds", type=int, help="1: whole split; 5: COCO-1K (default: the run's eval.folds)")
-    p.add_argument("--mode", default="common", choices=sorted(MODES), help="evaluation protocol")
+    p.add_argument("--mode", choices=sorted(MODES), help="evaluation protocol (default: the method's)")
+    p.add_argument("--database", help="hamming: the retrieval split (default: eval.database_split or the "
+                                      "training split)")
+    p.add_argument("--topk", type=int, default=50, help="hamming: K of mAP@K (default 50)")
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--tb", help="TensorBoard directory (default RUN_DIR/tb_eval; 'none': no TensorBoard)")
     p.add_argument("--examples", type=int, default=4, help="query images and captions shown (default 4)")
@@ -76,9 +87,23 @@ def common_mode(ctx: dict) -> tuple[dict, dict | None]:
     return metrics, {"img": img, "cap": cap}
 
 
-# A hashing mode ("hamming": mAP / precision@K / PR of sign codes) plugs in here with the same
-# signature once a hashing method exists.
-MODES = {"common": common_mode}
+def hamming_mode(ctx: dict) -> tuple[dict, dict]:
+    """Hashing: (metrics with curves, codes of queries and database)."""
+    from xmdist.dist import broadcast_object
+    from xmdist.evaluate_hashing import encode_codes, score
+
+    loaded, env, a = ctx["loaded"], ctx["env"], ctx["args"]
+    cfg = loaded.config
+    database = ctx["shards"].split(a.database or cfg.eval.database_split or cfg.data.train_split)
+    codes = {name: encode_codes(loaded.model, split, loaded.decoder, env, ctx["batch_size"], cfg.data.num_workers,
+                                0, loaded.autocast) for name, split in (("query", ctx["split"]), ("db", database))}
+    metrics = score(codes["query"], codes["db"], topk=a.topk, curves=True) if env.is_main else None
+    metrics = broadcast_object(metrics)
+    metrics["database_split"] = database.name
+    return metrics, codes
+
+
+MODES = {"common": common_mode, "hamming": hamming_mode}
 
 
 # ---------------------------------------------------------------- TensorBoard
@@ -113,6 +138,54 @@ def draw_curve(curve: dict[str, list[float]], title: str) -> np.ndarray:
     d.text((w - 160, 8), "t2i", fill=(255, 127, 14))
     d.text((w // 2 - 5, h - 16), "K", fill="black")
     return np.asarray(im)
+
+
+def draw_xy(series: dict[str, tuple[list, list]], title: str, xlabel: str, ylabel: str,
+            xmax: float, log_x: bool = False) -> np.ndarray:
+    """Lines y(x) in [0, 1] (None points skipped) as an RGB image (H, W, 3) uint8."""
+    w, h, left, right, top, bottom = 640, 420, 50, 20, 30, 40
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    fx = (lambda v: np.log10(max(v, 1)) / np.log10(max(xmax, 10))) if log_x else (lambda v: v / xmax)
+    x = lambda v: left + fx(v) * (w - left - right)  # noqa: E731
+    y = lambda v: top + (1 - v) * (h - top - bottom)  # noqa: E731
+    for t in np.linspace(0, 1, 6):
+        d.line([(x(0 if not log_x else 1), y(t)), (x(xmax), y(t)), ], fill=(225, 225, 225))
+        d.text((left - 34, y(t) - 6), f"{t:.1f}", fill="black")
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    colors = ((31, 119, 180), (255, 127, 14), (44, 160, 44))
+    for i, ((name, (xs, ys)), color) in enumerate(zip(series.items(), colors)):
+        pts = [(x(a), y(b)) for a, b in zip(xs, ys) if a is not None and b is not None]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        d.text((w - 200 + 50 * i, 8), name, fill=color)
+    d.text((left, 8), title, fill="black")
+    d.text((w // 2 - 40, h - 16), xlabel, fill="black")
+    d.text((4, top - 20), ylabel, fill="black")
+    return np.asarray(im)
+
+
+def log_hashing_tensorboard(tb_dir: str, loaded, split, metrics: dict, codes: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from xmdist.evaluate_hashing import bit_balance
+
+    step, name = loaded.step, split.name
+    writer = SummaryWriter(tb_dir)
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            writer.add_scalar(f"{name}/{k}", v, step)
+    c = {d: metrics[f"curves_{d}"] for d in ("i2t", "t2i")}
+    title = f"{name} -> {metrics['database_split']}, {loaded.checkpoint}"
+    writer.add_image(f"{name}/pr_curve", draw_xy({d: (c[d]["pr_recall"], c[d]["pr_precision"]) for d in c},
+                                                 f"{title}: precision vs recall", "recall", "precision", 1.0),
+                     step, dataformats="HWC")
+    writer.add_image(f"{name}/precision_at_k", draw_xy({d: (c[d]["k"], c[d]["precision_at_k"]) for d in c},
+                                                       f"{title}: P@K", "K (log)", "precision",
+                                                       max(c["i2t"]["k"]), log_x=True), step, dataformats="HWC")
+    for modality in ("image", "text"):
+        writer.add_histogram(f"codes/bit_balance_{modality}", bit_balance(codes["db"][modality]), step)
+    writer.close()
 
 
 def _pil(image: torch.Tensor, size: int) -> Image.Image:
@@ -190,8 +263,11 @@ def main(argv=None) -> int:
     def body() -> int:
         env = DistEnv.from_environ(device=args.device)
         setup_console(env)
-        loaded = load_run(args.checkpoint, args.which, env.device)  # every rank checks before any collective
+        loaded = load_run(args.checkpoint, args.which, env.device, shards=args.shards)  # checked before collectives
         cfg = loaded.config
+        args.mode = args.mode or ("common" if loaded.vocab is not None else "hamming")
+        if args.mode == "common" and loaded.vocab is None:
+            raise RunError(f"--mode common needs a caption model; {args.checkpoint} is a {cfg.method} run")
         shards = ShardSet.open(args.shards or cfg.data.shards)
         split = shards.split(args.split or cfg.data.test_split)
         args.folds = args.folds or cfg.eval.folds
@@ -199,14 +275,17 @@ def main(argv=None) -> int:
             raise RunError("--folds and --examples must be >= 1")
         tb = None if args.tb == "none" else (args.tb or str(Path(args.checkpoint) / "tb_eval"))
         init_distributed(env, cfg.train.dist_timeout_s)
-        ctx = {"loaded": loaded, "env": env, "args": args, "split": split, "cpi": shards.captions_per_image,
+        ctx = {"loaded": loaded, "env": env, "args": args, "split": split, "shards": shards,
+               "cpi": shards.captions_per_image,
                "batch_size": args.batch_size or cfg.eval.batch_size, "tb": tb}
         metrics, emb = MODES[args.mode](ctx)
         if env.is_main:
             result = {"run": str(Path(args.checkpoint).resolve()), "split": split.name,
                       "checkpoint": loaded.checkpoint, "step": loaded.step, "folds": args.folds, "mode": args.mode,
                       "shards": str(shards.root.resolve()), **metrics}
-            if emb is not None:
+            if args.mode == "hamming" and tb:
+                log_hashing_tensorboard(tb, loaded, split, metrics, emb)
+            elif emb is not None:
                 result["recall_curve"] = recall_curve(emb["img"], emb["cap"], shards.captions_per_image, args.folds)
                 log_tensorboard(tb, loaded, split, metrics, emb, result["recall_curve"], shards.captions_per_image,
                                 args.examples)

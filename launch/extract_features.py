@@ -59,8 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="source shard set (launch/make_shards.py)")
     p.add_argument("--out", required=True, help="output directory for the feature shard set")
-    p.add_argument("--backbone", required=True, help="alexnet, vgg16, vgg19, resnet18 ... resnet152")
-    p.add_argument("--layer", required=True, help="fc7 (alexnet, vgg), pool5 (vgg), pool (resnet)")
+    p.add_argument("--backbone", required=True,
+                   help="alexnet, vgg16, vgg19, resnet18 ... resnet152, or run (a trained xmdist run: "
+                        "--weights RUN_DIR --layer embed)")
+    p.add_argument("--layer", required=True, help="fc7 (alexnet, vgg), pool5 (vgg), pool (resnet), embed (run)")
     p.add_argument("--splits", default=None,
                    help="comma-separated, e.g. train,val (default: every split of the source)")
     p.add_argument("--weights", default="DEFAULT",
@@ -95,7 +97,7 @@ def check_args(args: argparse.Namespace, env: DistEnv) -> tuple[ShardSet, dict[s
         raise UsageError(f"--resize ({args.resize}) must be >= --image-size ({args.image_size})")
     if args.precision == "fp16" and env.device.type != "cuda":
         raise UsageError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
-    feature_shape(args.backbone, args.layer, args.image_size)  # unknown backbone/layer, too small
+    feature_shape(args.backbone, args.layer, args.image_size, args.weights)  # unknown backbone/layer, too small
 
     source = ShardSet.open(args.shards)
     if args.splits is None:  # e.g. train/val/test, or dcmh's train/query/retrieval
@@ -234,7 +236,7 @@ def feature_info(args: argparse.Namespace, env: DistEnv, source: ShardSet, shape
 
 def run(args: argparse.Namespace, env: DistEnv) -> None:
     source, splits = check_args(args, env)
-    shape = feature_shape(args.backbone, args.layer, args.image_size)
+    shape = feature_shape(args.backbone, args.layer, args.image_size, args.weights)
     # Built before the process group exists: weights that cannot be loaded fail identically on
     # every rank, so all ranks exit with the message instead of waiting in a collective.
     model = build_extractor(args.backbone, [args.layer], args.weights, seed=args.seed)

@@ -18,18 +18,20 @@ COMMON = ["data.batch_size=8", "data.num_workers=1", "data.crop_size=32", "data.
 
 
 def train_command(shards: Path, out: Path, *overrides: str, nproc: int = 2, torchrun_args: tuple = (),
-                  config: str = "configs/demo_vsepp_synthetic.yaml") -> list[str]:
-    sets = [a for o in (*COMMON, f"data.shards={shards}", *overrides) for a in ("--set", o)]
+                  config: str = "configs/demo_vsepp_synthetic.yaml", common: tuple = tuple(COMMON)) -> list[str]:
+    sets = [a for o in (*common, f"data.shards={shards}", *overrides) for a in ("--set", o)]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *torchrun_args,
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
     return [*launcher, str(ROOT / "launch/train.py"), "--config", str(ROOT / config), "--out", str(out), *sets]
 
 
 def train(shards: Path, out: Path, *overrides: str, nproc: int = 2, check: bool = True,
-          config: str = "configs/demo_vsepp_synthetic.yaml", fault: str = "",
-          torchrun_args: tuple = ()) -> subprocess.CompletedProcess:
-    """Run launch/train.py on ``shards``; ``fault`` sets XMDIST_FAULT (xmdist/faults.py)."""
-    cmd = train_command(shards, out, *overrides, nproc=nproc, torchrun_args=torchrun_args, config=config)
+          config: str = "configs/demo_vsepp_synthetic.yaml", fault: str = "", torchrun_args: tuple = (),
+          common: tuple = tuple(COMMON)) -> subprocess.CompletedProcess:
+    """Run launch/train.py on ``shards`` with the ``common`` overrides first; ``fault`` sets
+    XMDIST_FAULT (xmdist/faults.py)."""
+    cmd = train_command(shards, out, *overrides, nproc=nproc, torchrun_args=torchrun_args, config=config,
+                        common=common)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "XMDIST_FAULT": fault}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     if check and proc.returncode != 0:

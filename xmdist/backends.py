@@ -146,7 +146,7 @@ class DeepSpeedBackend:
 
 def build_backend(model: nn.Module, optim: OptimConfig, steps_per_epoch: int, cfg: Config, env: DistEnv):
     """Optimizer, schedule and backend for one network."""
-    optimizer = build_optimizer(model.parameters(), optim)
+    optimizer = build_optimizer(model.named_parameters(), optim)
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
     cls = DeepSpeedBackend if cfg.train.backend == "deepspeed" else DDPBackend
     return cls(model, optimizer, scheduler, cfg, env, optim.grad_clip)

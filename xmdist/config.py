@@ -42,6 +42,8 @@ class DataConfig:
     caption_mode: Literal["all", "random"] = "all"  # all: every caption is a pair (VSE++ epochs)
     min_word_count: int = 4  # vocabulary: words seen at least this often in train captions
     vocab: str | None = None  # a vocab.json to use instead of building one (saves a pass over train)
+    features: str = ""  # hashing methods: member with image features (default: the set's layer, e.g. fc7)
+    labels: list[str] = field(default_factory=list)  # hashing relevance: these label names only ([]: all)
     max_caption_words: int = 40
     crop_size: int = 224  # training crop / evaluation centre crop, pixels
     eval_resize: int = 256  # evaluation: resize shorter side, then centre crop
@@ -78,6 +80,7 @@ class OptimConfig:
     lr_decay_epochs: list[int] = field(default_factory=lambda: [15])  # x lr_decay at each
     lr_decay: float = 0.1
     warmup_steps: int = 0  # linear warm-up from 0
+    lr_scale: dict[str, float] = field(default_factory=dict)  # e.g. {text: 10}: lr x 10 under model.text
 
     def validate(self) -> None:
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -85,6 +88,7 @@ class OptimConfig:
         check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         check(0 < self.lr_decay <= 1, "optim.lr_decay", "must be in (0, 1]")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(all(v > 0 for v in self.lr_scale.values()), "optim.lr_scale", "factors must be > 0")
         check(all(e >= 0 for e in self.lr_decay_epochs), "optim.lr_decay_epochs", "must be >= 0")
 
 
@@ -129,6 +133,8 @@ class EvalConfig:
     folds: int = 1  # test protocol: 5 = COCO-1K (mean over 1000-image folds), 1 = full
     val_folds: int = 1
     max_val_images: int = 0  # cap the validation set for speed (0: all)
+    database_split: str = ""  # hashing: the retrieval set the queries search ("": data.train_split)
+    validation: bool = True  # False: no validation runs; the final test scores the last checkpoint
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -187,6 +193,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")

@@ -6,7 +6,10 @@ Known layers (``LAYERS``):
 * ``vgg16|vgg19 fc7``: 4096-d output of the classifier's second ReLU (VSE++);
 * ``vgg16|vgg19 pool5``: the last max-pool map (512, h, w) as (h * w, 512) regions, row-major;
   (49, 512) at 224 px (CMFAH);
-* ``resnet18|34|50|101|152 pool``: global average pool (512-d for 18/34, 2048-d otherwise).
+* ``resnet18|34|50|101|152 pool``: global average pool (512-d for 18/34, 2048-d otherwise);
+* ``run embed``: the image embedding of a trained xmdist run (``--weights RUN_DIR``, its best
+  checkpoint), e.g. a VSE++ encoder trained on the synthetic shards, whose images no
+  ImageNet network has seen.
 
 ``build_extractor(backbone, layers, weights)`` returns a frozen :class:`FeatureExtractor` in eval
 mode (dropout off, BatchNorm statistics fixed) mapping normalised images (B, 3, H, W), made by
@@ -36,6 +39,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "vgg16": ("fc7", "pool5"),
     "vgg19": ("fc7", "pool5"),
     **{name: ("pool",) for name in _RESNETS},
+    "run": ("embed",),
 }
 RANDOM = "random"
 RANDOM_WARNING = ("RANDOM WEIGHTS: these features come from an untrained network and are meaningless "
@@ -65,9 +69,21 @@ def min_image_size(backbone: str) -> int:
     return 63 if backbone == "alexnet" else 32
 
 
-def feature_shape(backbone: str, layer: str, image_size: int = 224) -> tuple[int, ...]:
+def _run_config(run_dir: str | None):
+    from xmdist.config import load_config
+
+    path = Path(run_dir or "") / "config.yaml"
+    if not run_dir or not path.is_file():
+        raise FeatureError(f"backbone 'run' needs --weights RUN_DIR (a directory written by launch/train.py); "
+                           f"{path} not found")
+    return load_config(path)
+
+
+def feature_shape(backbone: str, layer: str, image_size: int = 224, weights: str | None = None) -> tuple[int, ...]:
     """Shape of one image's features at a square input of ``image_size`` pixels."""
     check_layer(backbone, layer)
+    if backbone == "run":
+        return (_run_config(weights).model.embed_dim,)
     if image_size < min_image_size(backbone):
         raise FeatureError(f"{backbone} needs inputs of at least {min_image_size(backbone)} px, got {image_size}")
     if layer == "fc7":
@@ -117,6 +133,28 @@ class FeatureExtractor(nn.Module):
         return out
 
 
+class RunImageEncoder(nn.Module):
+    """The frozen image encoder of a trained xmdist run: ``{"embed": encode_image(images)}``."""
+
+    backbone, layers = "run", ("embed",)
+
+    def __init__(self, run_dir: str | None):
+        super().__init__()
+        from xmdist.inference import RunError, load_run
+
+        _run_config(run_dir)
+        try:
+            self.model = load_run(run_dir).model.requires_grad_(False)
+        except RunError as e:
+            raise FeatureError(str(e)) from None
+
+    def train(self, mode: bool = True) -> "RunImageEncoder":
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embed": self.model.encode_image(images)}
+
+
 def _weights_file(weights: str) -> Path | None:
     """The file ``weights`` names, decided exactly as ``_load_weights`` decides; None: an enum name."""
     path = Path(weights).expanduser()
@@ -145,6 +183,8 @@ def build_extractor(backbone: str, layers: Sequence[str], weights: str | None = 
     """
     for layer in layers:
         check_layer(backbone, layer)
+    if backbone == "run":
+        return RunImageEncoder(weights)
     if weights in (None, RANDOM):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -165,6 +205,10 @@ def build_extractor(backbone: str, layers: Sequence[str], weights: str | None = 
 
 def describe_weights(backbone: str, weights: str | None) -> dict[str, Any]:
     """What to record about ``weights`` next to features: enum member and URL, or file and hash."""
+    if backbone == "run":
+        from xmdist.inference import resolve_checkpoint
+
+        return {"weights": str(weights), "run_checkpoint": resolve_checkpoint(Path(weights), "best")}
     if weights in (None, RANDOM):
         return {"weights": RANDOM, "random_weights": True, "WARNING": RANDOM_WARNING}
     path = _weights_file(weights)

@@ -46,14 +46,17 @@ class RunError(ValueError):
 class Loaded:
     run_dir: Path
     config: Config
-    vocab: Vocab
+    vocab: Vocab | None  # None for methods without captions (hashing on tags)
     model: nn.Module  # the retrieval model, eval mode, on ``device``
     checkpoint: str  # resolved name, e.g. "step_00000040"
     step: int
     device: torch.device
+    data_decoder: object = None  # the method's own decoder (feature methods); None: captions
 
     @cached_property
     def decoder(self) -> SampleDecoder:
+        if self.data_decoder is not None:
+            return self.data_decoder
         d = self.config.data
         return SampleDecoder(self.vocab, d.crop_size, d.eval_resize, tuple(d.crop_scale), False,
                              d.max_caption_words, d.jpeg_draft)
@@ -89,21 +92,31 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str = "best") -> str:
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu",
-             method: str | None = None) -> Loaded:
+             method: str | None = None, shards: str | Path | None = None) -> Loaded:
     """Config, vocabulary and the retrieval model of ``checkpoint``, in eval mode on ``device``.
 
-    ``method``: refuse a run of another method (e.g. a tool that needs hash codes).
+    ``method``: refuse a run of another method (e.g. a tool that needs hash codes). ``shards``:
+    the data the run will read (default its ``data.shards``); feature methods size their model
+    from it.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} does not exist")
-    for name in ("config.yaml", "vocab.json"):
-        if not (run_dir / name).is_file():
-            raise RunError(f"{run_dir / name} is missing: not a run directory written by launch/train.py")
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{run_dir / 'config.yaml'} is missing: not a run directory written by launch/train.py")
     cfg = load_config(run_dir / "config.yaml")
     if method and cfg.method != method:
         raise RunError(f"{run_dir} is a {cfg.method} run; this needs method {method}")
-    vocab = Vocab.load(run_dir / "vocab.json")
+    impl = get_method(cfg.method)(cfg, DistEnv())
+    vocab, data_decoder = None, None
+    if impl.uses_vocab:
+        if not (run_dir / "vocab.json").is_file():
+            raise RunError(f"{run_dir / 'vocab.json'} is missing: not a run directory written by launch/train.py")
+        vocab = Vocab.load(run_dir / "vocab.json")
+    else:
+        from xmdist.data.info import ShardSet
+
+        data_decoder = impl.make_decoder(ShardSet.open(shards or cfg.data.shards))
     name = resolve_checkpoint(run_dir, checkpoint)
     path = run_dir / "checkpoints" / name / "shared.pt"
     try:
@@ -118,7 +131,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     build_cfg = copy.deepcopy(cfg)
     if hasattr(build_cfg.model, "weights"):
         build_cfg.model.weights = None  # the checkpoint has the weights: never download pretrained ones
-    model = get_method(cfg.method)(build_cfg, DistEnv()).build(len(vocab))["model"].module
+    impl.cfg = build_cfg
+    model = impl.build(len(vocab) if vocab else None)["model"].module
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -128,7 +142,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
         model.to(dtype)  # as the engine held it: low-precision parameters and buffers
     device = torch.device(device)
     model.to(device).eval()
-    return Loaded(run_dir, cfg, vocab, model, name, int(trainer["step"]), device)
+    return Loaded(run_dir, cfg, vocab, model, name, int(trainer["step"]), device, data_decoder)
 
 
 # ---------------------------------------------------------------- single inputs

@@ -35,6 +35,18 @@ class TensorBoardLogger:
         """``image`` (3, H, W) floats in [0, 1]."""
         self.writer.add_image(tag, image, step)
 
+    def histogram(self, tag: str, values, step: int) -> None:
+        self.writer.add_histogram(tag, values, step)
+
+    def curve(self, tag: str, xs, ys, step: int) -> None:
+        """A curve y(x) at training step ``step``: one scalar per point with x as its step (TB plots
+        scalars against steps), and the table as text; None points (undefined) are left out."""
+        for x, y in zip(xs, ys):
+            if y is not None:
+                self.writer.add_scalar(tag, y, int(x))
+        rows = "\n".join(f"| {x} | {'-' if y is None else f'{y:.4f}'} |" for x, y in zip(xs, ys))
+        self.writer.add_text(tag, f"step {step}\n\n| x | y |\n|---|---|\n{rows}", step)
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -50,6 +62,12 @@ class NullLogger:
         pass
 
     def image(self, tag: str, image, step: int) -> None:
+        pass
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        pass
+
+    def curve(self, tag: str, xs, ys, step: int) -> None:
         pass
 
     def flush(self) -> None:

@@ -8,12 +8,28 @@ import torch
 from xmdist.config import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def param_groups(named_params, lr: float, lr_scale: dict[str, float]) -> list[dict]:
+    """One group per ``lr_scale`` prefix (its parameters at ``lr * scale``), one for the rest."""
+    groups: dict[str, list] = {prefix: [] for prefix in lr_scale}
+    rest = []
+    for name, p in named_params:
+        if p.requires_grad:
+            prefix = next((k for k in lr_scale if name == k or name.startswith(k + ".")), None)
+            (groups[prefix] if prefix else rest).append(p)
+    empty = [k for k, v in groups.items() if not v]
+    if empty:
+        raise ValueError(f"optim.lr_scale: no trainable parameter under {', '.join(empty)}")
+    return [{"params": rest, "lr": lr}] * bool(rest) + [
+        {"params": ps, "lr": lr * lr_scale[k]} for k, ps in groups.items()]
+
+
+def build_optimizer(named_params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``named_params``: ``module.named_parameters()``; ``cfg.lr_scale`` sets per-module rates."""
+    groups = param_groups(named_params, cfg.lr, cfg.lr_scale)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 class StepDecay:

@@ -18,12 +18,10 @@ from torch.utils.data import DataLoader
 from xmdist.backends import build_backend
 from xmdist.checkpoint import CheckpointManager, rng_state, set_rng_state
 from xmdist.config import Config, ConfigError, load_config, save_config
-from xmdist.data.decode import SampleDecoder
 from xmdist.data.info import ShardSet
 from xmdist.data.loader import StreamPlan, build_vocab, TrainStream, make_loader, steps_per_epoch, worker_count
 from xmdist.data.vocab import Vocab
 from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, on_main
-from xmdist.evaluate import evaluate, format_metrics
 from xmdist.faults import FaultInjector
 from xmdist.logger import build_logger
 from xmdist.methods import get_method
@@ -51,6 +49,11 @@ def prepare_vocab(cfg: Config, shards: ShardSet, run_dir: Path, env: DistEnv) ->
 
     on_main(build, env)
     return Vocab.load(path)
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """The numbers of a metrics dict (curves and other lists go to eval.json only)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def check_resume_config(cfg: Config, run_dir: Path) -> None:
@@ -117,23 +120,25 @@ class Trainer:
         self.shards = ShardSet.open(cfg.data.shards)
         self.train_split = self.shards.split(cfg.data.train_split)
         self.val_split = self.shards.split(cfg.data.val_split)
-        self.ncap = self.shards.captions_per_image
         d = cfg.data
-        self.vocab = prepare_vocab(cfg, self.shards, self.run_dir, env)
+        self.method = get_method(cfg.method)(cfg, env)
+        # Caption methods: pairs are (image, one of its captions); feature methods: one per sample.
+        self.ncap, self.caption_mode = self.shards.captions_per_image, d.caption_mode
+        if not self.method.uses_vocab:
+            self.ncap, self.caption_mode = 1, "random"
+        self.vocab = prepare_vocab(cfg, self.shards, self.run_dir, env) if self.method.uses_vocab else None
         if d.gpu_decode and env.device.type != "cuda":
             raise ConfigError("data.gpu_decode: needs a CUDA device")
-        self.decoder = SampleDecoder(self.vocab, d.crop_size, d.eval_resize, tuple(d.crop_scale), d.hflip,
-                                     d.max_caption_words, d.jpeg_draft, d.gpu_decode)
-        self.steps_per_epoch = d.epoch_steps or steps_per_epoch(self.train_split, self.ncap, d.caption_mode,
+        self.decoder = self.method.make_decoder(self.shards, self.vocab)
+        self.steps_per_epoch = d.epoch_steps or steps_per_epoch(self.train_split, self.ncap, self.caption_mode,
                                                                 d.batch_size * env.world_size)
         self.num_workers = worker_count(self.train_split, env.world_size, d.num_workers, d.resampled)
-        self.method = get_method(cfg.method)(cfg, env)
         self.nets = {name: build_backend(net.module, net.optim, self.steps_per_epoch, cfg, env)
-                     for name, net in self.method.build(len(self.vocab)).items()}
+                     for name, net in self.method.build(len(self.vocab) if self.vocab else None).items()}
         self.model = self.nets["model"]  # the retrieval model: evaluation and final test
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_last)
         self.logger = build_logger(env, self.run_dir)
-        self.step, self.best_rsum = 0, -math.inf
+        self.step, self.best_score = 0, -math.inf  # best validation score (method.score_key)
         self.stop = StopSignal(env)
         self.faults = FaultInjector(env.rank)
         self.nonfinite_run = 0  # consecutive steps skipped for non-finite loss or gradients
@@ -150,7 +155,7 @@ class Trainer:
     def _state(self) -> tuple[dict, dict]:
         shared = {"nets": {k: b.shared_state() for k, b in self.nets.items()}}
         shared["trainer"] = {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
-                             "best_rsum": self.best_rsum, "num_workers": self.num_workers,
+                             "best_score": self.best_score, "num_workers": self.num_workers,
                              "world_size": self.env.world_size, "method": self.cfg.method}
         rank = {"nets": {k: b.rank_state() for k, b in self.nets.items()}, "rng": rng_state()}
         return shared, rank
@@ -179,7 +184,7 @@ class Trainer:
         for k, b in self.nets.items():
             b.load(shared["nets"][k], rank["nets"][k])
         set_rng_state(rank["rng"])
-        self.step, self.best_rsum = t["step"], t["best_rsum"]
+        self.step, self.best_score = t["step"], t["best_score"]
         log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", name, self.step, self.epoch,
                  self.step % self.steps_per_epoch)
 
@@ -239,7 +244,7 @@ class Trainer:
         d, env = self.cfg.data, self.env
         plan = StreamPlan(self.train_split, env.rank, env.world_size, self.steps_per_epoch,
                           self.step, self.cfg.train.seed, d.resampled)
-        stream = TrainStream(plan, self.decoder, d.batch_size, d.shuffle_buffer, d.caption_mode, self.ncap)
+        stream = TrainStream(plan, self.decoder, d.batch_size, d.shuffle_buffer, self.caption_mode, self.ncap)
         return make_loader(stream, self.num_workers, d.pin_memory and env.device.type == "cuda")
 
     def _done(self) -> bool:
@@ -271,9 +276,10 @@ class Trainer:
                 if self.step % t.media_every == 0 and hasattr(self.method, "log_media"):
                     self.method.log_media(self.nets, *self.last, self.vocab, self.logger, self.step)
                 epoch_end = self.step % self.steps_per_epoch == 0
-                if (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end):
+                due = (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end)
+                if due and self.cfg.eval.validation:
                     self.validate()
-                elif self.step % t.ckpt_every == 0:
+                elif due or self.step % t.ckpt_every == 0:
                     self.save()
                 watchdog.beat(f"step {self.step} (evaluation and checkpoint)")
                 self.faults.after_step(self.step, lambda: self.stop.signum != 0)
@@ -281,7 +287,8 @@ class Trainer:
                     self.save()
                     raise Stopped(self.stop.signum, self.step)
             del batches  # stops the loader workers
-            self.save()
+            if self.ckpt.latest_name() != f"step_{self.step:08d}":  # not just saved by an evaluation
+                self.save()
             watchdog.beat("final checkpoint")
             return self.final_test()
         finally:
@@ -312,34 +319,37 @@ class Trainer:
                  " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), perf["lr"], perf["samples_per_s"],
                  100 * perf["data_wait_s"] / perf["step_time_s"])
 
-    def _evaluate(self, split, folds: int, max_images: int = 0) -> dict[str, float]:
-        c = self.cfg
-        return evaluate(self.model.module, split, self.decoder, self.env, c.model.embed_dim, c.eval.batch_size,
-                        c.data.num_workers, self.ncap, folds, max_images, self.model.autocast)
+    def _evaluate(self, split, folds: int, max_images: int = 0, prefix: str = "val/", final: bool = False) -> dict:
+        return self.method.evaluate(self.model.module, split, self.decoder, self.shards, folds=folds,
+                                    max_images=max_images, autocast=self.model.autocast, logger=self.logger,
+                                    step=self.step, prefix=prefix, final=final)
 
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> dict:
         metrics = self._evaluate(self.val_split, self.cfg.eval.val_folds, self.cfg.eval.max_val_images)
-        self.logger.scalars(metrics, self.step, "val/")
-        best = metrics["rsum"] > self.best_rsum
-        self.best_rsum = max(self.best_rsum, metrics["rsum"])
+        self.logger.scalars(scalars(metrics), self.step, "val/")
+        score = metrics[self.method.score_key]
+        best = score > self.best_score
+        self.best_score = max(self.best_score, score)
         self.save(best=best)
         return metrics
 
-    def final_test(self) -> dict[str, float]:
+    def final_test(self) -> dict:
         """Test scores of the best validation checkpoint (the last one if never validated)."""
         best = self.ckpt.best_name()
         if best:
             _, shared, _ = self.ckpt.load(best)
             self.model.module.load_state_dict(shared["nets"]["model"]["model"])
         test = self.shards.split(self.cfg.data.test_split)
-        metrics = self._evaluate(test, self.cfg.eval.folds)
-        self.logger.scalars(metrics, self.step, "test/")
+        metrics = self._evaluate(test, self.cfg.eval.folds, prefix="test/", final=True)
+        self.logger.scalars(scalars(metrics), self.step, "test/")
         self.logger.flush()
         result = {"split": test.name, "checkpoint": best or f"step_{self.step:08d}", "folds": self.cfg.eval.folds,
-                  "step": self.step, "best_val_rsum": self.best_rsum, **metrics}
+                  "step": self.step, "method": self.cfg.method, "score_key": self.method.score_key,
+                  "best_val_score": self.best_score, **metrics}
         if self.env.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-            log.info("test (%s): %s -> %s", result["checkpoint"], format_metrics(metrics), self.run_dir / "eval.json")
+            log.info("test (%s): %s -> %s", result["checkpoint"], self.method.format_metrics(metrics),
+                     self.run_dir / "eval.json")
         return result
 
     def close(self) -> None:

@@ -134,3 +134,41 @@ class SampleDecoder:
         tokens, lengths = pad_captions(captions)
         return {"images": torch.stack(images), "tokens": tokens, "lengths": lengths,
                 "image_ids": torch.tensor(ids, dtype=torch.long)}
+
+
+class FeatureDecoder:
+    """Batches of precomputed image features, tag bag-of-words and labels (the hashing methods).
+
+    ``feature`` is the member holding the image features (``fc7.npy`` in a set written by
+    ``launch/extract_features.py --layer fc7``); ``labels`` selects label columns (the relevance
+    used by evaluation: two items are relevant when they share a selected label). Shapes are
+    checked against the first sample's so one odd sample is skipped, not stacked.
+    """
+
+    def __init__(self, feature: str, image_dim: int, text_dim: int, labels: list[int] | None = None):
+        self.feature, self.image_dim, self.text_dim = feature, image_dim, text_dim
+        self.labels = labels
+
+    def item(self, sample: dict) -> tuple:
+        feat = decode_npy(sample[self.feature]).astype(np.float32).reshape(-1)
+        tags = decode_npy(sample["tags.npy"]).astype(np.float32).reshape(-1)
+        labels = decode_npy(sample["labels.npy"]).astype(np.uint8).reshape(-1)
+        if feat.shape[0] != self.image_dim or tags.shape[0] != self.text_dim:
+            raise ValueError(f"{self.feature} has {feat.shape[0]} values and tags.npy {tags.shape[0]}; "
+                             f"expected {self.image_dim} and {self.text_dim}")
+        if not np.isfinite(feat).all():
+            raise ValueError(f"{self.feature} holds non-finite values")
+        if self.labels is not None:
+            labels = labels[self.labels]
+        return torch.from_numpy(feat), torch.from_numpy(tags), torch.from_numpy(labels), int(decode_meta(sample)["id"])
+
+    def train_item(self, sample: dict, caption: int, salt: tuple) -> tuple:
+        return self.item(sample)
+
+    def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
+        feats, tags, labels, ids = zip(*items)
+        return {"features": torch.stack(feats), "tags": torch.stack(tags), "labels": torch.stack(labels),
+                "image_ids": torch.tensor(ids, dtype=torch.long)}
+
+    def eval_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return self.collate([self.item(s) for s in samples])

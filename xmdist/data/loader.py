@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -210,9 +211,17 @@ def steps_per_epoch(split: Split, captions_per_image: int, caption_mode: str, gl
     return steps
 
 
+def _quiet_worker(worker_id: int) -> None:
+    """Stop requests are the training process's business: a scheduler that signals every process
+    of the job (SLURM's pre-emption warning, Ctrl-C) must neither kill a loader worker (the run
+    would crash before its checkpoint) nor make it log the request again."""
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None, worker_init_fn=_quiet_worker)
 
 
 class EvalStream(IterableDataset):

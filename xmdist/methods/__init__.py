@@ -45,4 +45,4 @@ def get_method(name: str) -> type:
     return _METHODS[name]
 
 
-from xmdist.methods import mfsr, vsepp  # noqa: E402,F401  (they register themselves)
+from xmdist.methods import hashing, mfsr, vsepp  # noqa: E402,F401  (they register themselves)

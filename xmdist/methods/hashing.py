@@ -1,0 +1,183 @@
+"""Unsupervised cross-modal hashing: DJSRH and SGRN (METHODS.md sections 2.1 and 2.2).
+
+Both train hash heads on precomputed image features and tag bag-of-words from a feature shard
+set (``launch/extract_features.py``); their similarity targets are built over the GLOBAL batch
+(features gathered without gradient, codes through the autograd all-gather), so the loss and
+its gradients equal those of one process holding the whole batch. Evaluation ranks a retrieval
+database (``eval.database_split``, default the training split) for the queries of the
+validation or test split by Hamming distance (xmdist/evaluate_hashing.py).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from xmdist.config import Config, ConfigError, check
+from xmdist.data.decode import FeatureDecoder, decode_npy
+from xmdist.data.info import ShardError, ShardSet, Split
+from xmdist.data.loader import iter_raw_samples
+from xmdist.dist import DistEnv, gather
+from xmdist.evaluate_hashing import evaluate_hashing, format_hashing
+from xmdist.losses.hashing import alpha_for_epoch, djsrh_loss, djsrh_target, hash_codes, sgrn_graph, sgrn_loss
+from xmdist.methods import Network, Phase, register
+from xmdist.models.hashing import HashModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HashModelConfig:
+    bits: int = 64
+    image_hidden: int = 0  # 0: Linear(d_i, K) as DJSRH; > 0: an MLP with this many hidden units
+    text_hidden: int = 4096
+
+    def validate(self) -> None:
+        check(self.bits >= 1, "model.bits", "must be >= 1")
+        check(self.image_hidden >= 0 and self.text_hidden >= 0, "model.image_hidden", "must be >= 0")
+
+
+@dataclass
+class DJSRHLossConfig:
+    beta: float = 0.9  # weight of the image similarity in the joint one (0.6 on NUS-WIDE)
+    eta: float = 0.4  # weight of the diffused (second-order) similarity
+    mu: float = 1.5  # scale of the target
+    l1: float = 0.1  # image-image term
+    l2: float = 0.1  # text-text term
+
+    def validate(self) -> None:
+        check(0 <= self.beta <= 1, "loss.beta", "must be in [0, 1]")
+        check(0 <= self.eta <= 1, "loss.eta", "must be in [0, 1]")
+
+
+@dataclass
+class SGRNLossConfig:
+    knn: float = 0.25  # neighbours per node as a fraction of the global batch (8 per 32), self included
+    tau: float = 0.05  # LRGR gate temperature
+    eta: float = 0.4  # neighbour coherence weight (0: ablation)
+    beta: float = 0.9  # image weight of the joint graph
+    lam: float = 0.3  # GRGR cross-modal graph weight
+    gamma: float = 0.5  # enhanced weight
+    mu: float = 1.5
+    rho: float = 0.5  # real-valued terms (0: ablation)
+    intra_weight: float = 0.1
+    gate: bool = True  # LRGR gating (False: ablation, G = A)
+    enhance: bool = True  # GRGR enhanced weights (False: ablation, W = 1)
+
+    def validate(self) -> None:
+        check(0 < self.knn <= 1, "loss.knn", "must be in (0, 1]")
+        check(self.tau > 0, "loss.tau", "must be > 0")
+        for name in ("eta", "beta", "lam"):
+            check(0 <= getattr(self, name) <= 1, f"loss.{name}", "must be in [0, 1]")
+
+
+def _first_sample(split: Split) -> dict:
+    for sample in iter_raw_samples(list(split.paths)):
+        return sample
+    raise ShardError(f"split '{split.name}' has no readable sample")
+
+
+class _Hashing:
+    """What DJSRH and SGRN share: data, model, evaluation. Subclasses define ``losses``."""
+
+    model_config = HashModelConfig
+    uses_vocab = False  # the text is a tag bag-of-words, not captions
+    score_key = "map"  # mean of mAP@all i2t and t2i on the validation queries
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.dims: tuple[int, int] | None = None
+
+    def make_decoder(self, shards: ShardSet, vocab=None) -> FeatureDecoder:
+        d = self.cfg.data
+        feature = d.features or shards.info.get("layer")
+        if not feature:
+            raise ShardError(f"{shards.root} holds no precomputed image features ({self.cfg.method} trains on "
+                             f"them): write a feature set with launch/extract_features.py, or name the member "
+                             f"with data.features")
+        member = f"{feature}.npy"
+        sample = _first_sample(shards.split(d.train_split))
+        missing = [m for m in (member, "tags.npy", "labels.npy", "json") if m not in sample]
+        if missing:
+            raise ShardError(f"{shards.root}: samples have no {', '.join(missing)} (members: "
+                             f"{', '.join(k for k in sample if not k.startswith('__'))})")
+        labels = None
+        if d.labels:
+            names = shards.info.get("label_names")
+            if not names:
+                raise ConfigError(f"data.labels: {shards.root / '_info.json'} names no labels")
+            unknown = [n for n in d.labels if n not in names]
+            if unknown:
+                raise ConfigError(f"data.labels: unknown label(s) {unknown}; known: {names}")
+            labels = [names.index(n) for n in d.labels]
+        image_dim, text_dim = decode_npy(sample[member]).size, decode_npy(sample["tags.npy"]).size
+        self.dims = (image_dim, text_dim)
+        return FeatureDecoder(member, image_dim, text_dim, labels)
+
+    def build(self, vocab_size: int | None = None) -> dict[str, Network]:
+        if self.dims is None:
+            raise RuntimeError("make_decoder() first: the model's input sizes come from the data")
+        m = self.cfg.model
+        return {"model": Network(HashModel(*self.dims, m.bits, m.image_hidden, m.text_hidden), self.cfg.optim)}
+
+    @property
+    def phases(self) -> list[Phase]:
+        return [Phase("model", self.losses)]
+
+    def forward(self, nets: dict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return nets["model"].model(batch)
+
+    def _gathered(self, batch: dict, out: dict, epoch: int) -> dict[str, torch.Tensor]:
+        alpha = alpha_for_epoch(epoch)
+        g = {"fi": batch["features"].float(), "ft": batch["tags"].float(), "hi": out["hi"].float(),
+             "ht": out["ht"].float()}
+        g["bi"], g["bt"] = hash_codes(g["hi"], alpha), hash_codes(g["ht"], alpha)
+        for k in ("fi", "ft"):
+            g[k + "_all"] = gather(g[k])
+        for k in ("hi", "ht", "bi", "bt"):
+            g[k + "_all"] = gather(g[k], grad=True)
+        return g
+
+    def evaluate(self, model, split: Split, decoder, shards: ShardSet, *, folds: int = 1, max_images: int = 0,
+                 autocast=None, logger=None, step: int = 0, prefix: str = "val/", final: bool = False) -> dict:
+        c = self.cfg
+        database = shards.split(c.eval.database_split or c.data.train_split)
+        metrics, balance = evaluate_hashing(model, split, database, decoder, self.env, c.eval.batch_size,
+                                            c.data.num_workers, max_images, autocast, curves=final)
+        if logger is not None:
+            for k, v in balance.items():
+                logger.histogram(f"{prefix}bit_balance_{k}", v, step)
+            for name in ("i2t", "t2i"):
+                curves = metrics.get(f"curves_{name}")
+                if curves:
+                    logger.curve(f"{prefix}pr_{name}/precision_by_radius", curves["radius"], curves["pr_precision"], step)
+                    logger.curve(f"{prefix}pr_{name}/recall_by_radius", curves["radius"], curves["pr_recall"], step)
+                    logger.curve(f"{prefix}precision_at_k_{name}", curves["k"], curves["precision_at_k"], step)
+        return metrics
+
+    format_metrics = staticmethod(format_hashing)
+
+
+@register("djsrh")
+class DJSRH(_Hashing):
+    loss_config = DJSRHLossConfig
+
+    def losses(self, nets: dict, batch: dict, out: dict, epoch: int) -> dict[str, torch.Tensor]:
+        c, g = self.cfg.loss, self._gathered(batch, out, epoch)
+        target = djsrh_target(g["fi"], g["ft"], g["fi_all"], g["ft_all"], c.beta, c.eta, c.mu)
+        return djsrh_loss(g["bi"], g["bt"], g["bi_all"], g["bt_all"], target, c.l1, c.l2)
+
+
+@register("sgrn")
+class SGRN(_Hashing):
+    loss_config = SGRNLossConfig
+
+    def losses(self, nets: dict, batch: dict, out: dict, epoch: int) -> dict[str, torch.Tensor]:
+        c, g = self.cfg.loss, self._gathered(batch, out, epoch)
+        big_n = g["fi_all"].shape[0]
+        k = max(1, round(c.knn * big_n))
+        graph = sgrn_graph(g["fi"], g["ft"], g["fi_all"], g["ft_all"], self.env.rank * len(g["fi"]), k, c.tau,
+                           c.eta, c.beta, c.lam, c.gamma, c.mu, gate=c.gate, enhance=c.enhance)
+        return sgrn_loss(g["hi"], g["ht"], g["hi_all"], g["ht_all"], g["bi"], g["bt"], g["bi_all"], g["bt_all"],
+                         graph, c.rho, c.intra_weight)
