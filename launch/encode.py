@@ -77,6 +77,9 @@ def main(argv=None) -> int:
         env = DistEnv.from_environ(device=args.device)
         setup_console(env)
         loaded = load_run(args.run, args.checkpoint, env.device)  # every rank checks before any collective
+        if loaded.vocab is None:
+            raise RunError(f"{args.run} is a {loaded.config.method} run (hash codes of features and tags): "
+                           f"score it with launch/eval.py; encode.py serves caption models")
         cfg = loaded.config
         shards = ShardSet.open(args.shards or cfg.data.shards)
         split = shards.split(args.split)

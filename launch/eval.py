@@ -150,9 +150,12 @@ def draw_xy(series: dict[str, tuple[list, list]], title: str, xlabel: str, ylabe
     x = lambda v: left + fx(v) * (w - left - right)  # noqa: E731
     y = lambda v: top + (1 - v) * (h - top - bottom)  # noqa: E731
     for t in np.linspace(0, 1, 6):
-        d.line([(x(0 if not log_x else 1), y(t)), (x(xmax), y(t)), ], fill=(225, 225, 225))
+        d.line([(x(0 if not log_x else 1), y(t)), (x(xmax), y(t))], fill=(225, 225, 225))
         d.text((left - 34, y(t) - 6), f"{t:.1f}", fill="black")
     d.rectangle([left, top, w - right, h - bottom], outline="black")
+    ticks = [10 ** e for e in range(int(np.log10(max(xmax, 10))) + 1)] if log_x else np.linspace(0, xmax, 6)
+    for t in ticks:
+        d.text((x(t) - 8, h - bottom + 6), f"{t:g}", fill="black")
     colors = ((31, 119, 180), (255, 127, 14), (44, 160, 44))
     for i, ((name, (xs, ys)), color) in enumerate(zip(series.items(), colors)):
         pts = [(x(a), y(b)) for a, b in zip(xs, ys) if a is not None and b is not None]
@@ -165,7 +168,8 @@ def draw_xy(series: dict[str, tuple[list, list]], title: str, xlabel: str, ylabe
     return np.asarray(im)
 
 
-def log_hashing_tensorboard(tb_dir: str, loaded, split, metrics: dict, codes: dict) -> None:
+def log_hashing_tensorboard(tb_dir: str, loaded, split, metrics: dict, codes: dict, label_names: list[str],
+                            examples: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     from xmdist.evaluate_hashing import bit_balance
@@ -185,7 +189,26 @@ def log_hashing_tensorboard(tb_dir: str, loaded, split, metrics: dict, codes: di
                                                        max(c["i2t"]["k"]), log_x=True), step, dataformats="HWC")
     for modality in ("image", "text"):
         writer.add_histogram(f"codes/bit_balance_{modality}", bit_balance(codes["db"][modality]), step)
+    for j, (direction, q_mod, db_mod) in enumerate((("i2t", "image", "text"), ("t2i", "text", "image"))):
+        writer.add_text(f"examples/{direction}", hashing_examples(codes, q_mod, db_mod, label_names, examples), step)
     writer.close()
+
+
+def hashing_examples(codes: dict, q_mod: str, db_mod: str, label_names: list[str], examples: int) -> str:
+    """Markdown: a few queries (evenly spaced) with their 5 nearest database items by Hamming
+    distance (ties by index), each item's labels, ✓ when it shares one with the query."""
+    q, db = codes["query"], codes["db"]
+    name = lambda row: ", ".join(label_names[i] if i < len(label_names) else str(i)  # noqa: E731
+                                 for i in row.nonzero().flatten().tolist()) or "(none)"
+    out = []
+    for i in sorted(set(np.linspace(0, len(q[q_mod]) - 1, examples).round().astype(int).tolist())):
+        dist = 0.5 * (q[q_mod].shape[1] - db[db_mod] @ q[q_mod][i])
+        top = torch.sort(dist, stable=True).indices[:5].tolist()
+        rows = [f"| {r} | {'✓' if bool((db['labels'][t] * q['labels'][i]).any()) else '✗'} | {t} | "
+                f"{int(dist[t])} | {name(db['labels'][t])} |" for r, t in enumerate(top, 1)]
+        out.append(f"**query {i}** ({q_mod}; labels: {name(q['labels'][i])})\n\n| rank | | item | Hamming | labels |\n"
+                   "|---|---|---|---|---|\n" + "\n".join(rows))
+    return "\n\n".join(out)
 
 
 def _pil(image: torch.Tensor, size: int) -> Image.Image:
@@ -284,7 +307,8 @@ def main(argv=None) -> int:
                       "checkpoint": loaded.checkpoint, "step": loaded.step, "folds": args.folds, "mode": args.mode,
                       "shards": str(shards.root.resolve()), **metrics}
             if args.mode == "hamming" and tb:
-                log_hashing_tensorboard(tb, loaded, split, metrics, emb)
+                names = cfg.data.labels or shards.info.get("label_names", [])
+                log_hashing_tensorboard(tb, loaded, split, metrics, emb, names, args.examples)
             elif emb is not None:
                 result["recall_curve"] = recall_curve(emb["img"], emb["cap"], shards.captions_per_image, args.folds)
                 log_tensorboard(tb, loaded, split, metrics, emb, result["recall_curve"], shards.captions_per_image,

@@ -56,6 +56,9 @@ def main(argv=None) -> int:
             raise IndexFormatError(f"{args.index} is an index of {items}; a --text query searches an image index "
                                    f"(launch/encode.py --out)")
         loaded = load_run(args.run, args.checkpoint or source.get("checkpoint", "best"), args.device)
+        if loaded.vocab is None:
+            raise RunError(f"{args.run} is a {loaded.config.method} run (hash codes of features and tags): "
+                           f"score it with launch/eval.py; search.py serves caption models")
         if source.get("run") and Path(source["run"]) != Path(args.run).resolve():
             print(f"warning: the index was encoded by {source['run']}, the query by {Path(args.run).resolve()}",
                   file=sys.stderr)

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 from xmdist.data.decode import decode_meta
 from xmdist.data.info import ShardSet
 from xmdist.data.loader import iter_raw_samples
@@ -30,7 +30,7 @@ CHEAP = ["--backbone", "resnet18", "--layer", "pool", "--weights", "random", "--
 def extract(shards: Path, out: Path, *args: str, nproc: int = 1, check: bool = True,
             env: dict | None = None) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+                "--standalone"] if nproc > 1 else [sys.executable]
     cmd = [*launcher, str(ROOT / "launch/extract_features.py"), "--shards", str(shards), "--out", str(out), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

@@ -9,6 +9,7 @@ import torch
 
 import extract_features  # launch/, on sys.path via conftest
 from test_smoke import final_model
+from test_tools import launch
 from test_smoke import train as _train
 
 HASH = ["data.batch_size=16", "data.num_workers=1", "data.shuffle_buffer=50", "model.bits=16",
@@ -57,6 +58,18 @@ def test_train_evaluate_and_resume(feature_shards, tmp_path, method):
     acc.Reload()
     assert "val/bit_balance_image" in acc.Tags()["histograms"]
     assert {"val/map", "test/map_i2t", "train/loss", "test/pr_t2i/precision_by_radius"} <= set(acc.Tags()["scalars"])
+    # launch/eval.py on the same checkpoint: the same scores, curves and code statistics in TensorBoard
+    out = tmp_path / "eval.json"
+    launch("eval.py", "--checkpoint", straight, "--split", "test", "--out", out, "--tb", tmp_path / "tb_eval")
+    got = json.loads(out.read_text())
+    assert got["mode"] == "hamming" and got["database_split"] == "train"
+    for k in ("map_i2t", "map_t2i", "map50_window_i2t", "map50_first_t2i", "chance"):
+        assert got[k] == pytest.approx(result[k], abs=1e-12), k
+    acc = EventAccumulator(str(tmp_path / "tb_eval"))
+    acc.Reload()
+    assert {"test/pr_curve", "test/precision_at_k"} <= set(acc.Tags()["images"])
+    assert {"codes/bit_balance_image", "codes/bit_balance_text"} <= set(acc.Tags()["histograms"])
+    assert "examples/i2t/text_summary" in acc.Tags()["tensors"]
 
 
 def test_hashing_on_shards_without_features_says_so(tiny_shards, tmp_path):

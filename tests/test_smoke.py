@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 
 COMMON = ["data.batch_size=8", "data.num_workers=1", "data.crop_size=32", "data.eval_resize=32",
           "data.caption_mode=random", "data.min_word_count=1", "model.embed_dim=32", "model.word_dim=16",
@@ -21,7 +21,7 @@ def train_command(shards: Path, out: Path, *overrides: str, nproc: int = 2, torc
                   config: str = "configs/demo_vsepp_synthetic.yaml", common: tuple = tuple(COMMON)) -> list[str]:
     sets = [a for o in (*common, f"data.shards={shards}", *overrides) for a in ("--set", o)]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *torchrun_args,
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+                "--standalone"] if nproc > 1 else [sys.executable]
     return [*launcher, str(ROOT / "launch/train.py"), "--config", str(ROOT / config), "--out", str(out), *sets]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 from test_smoke import train
 
 import search as search_cli  # launch/search.py (conftest puts launch/ on sys.path)
@@ -36,7 +36,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def launch(script: str, *args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+                "--standalone"] if nproc > 1 else [sys.executable]
     proc = subprocess.run([*launcher, str(ROOT / "launch" / script), *map(str, args)], capture_output=True,
                           text=True, timeout=300, env=ENV, cwd=ROOT)
     if check and proc.returncode != 0:

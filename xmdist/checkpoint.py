@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from xmdist.config import ConfigError
 from xmdist.dist import DistEnv, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
@@ -113,24 +116,48 @@ class CheckpointManager:
         latest = self._pointer("latest")
         return ([latest] if latest in steps else []) + [s for s in steps if s != latest]
 
+    def _check_world(self, name: str) -> None:
+        """A complete checkpoint holds rank_00000.pt .. rank_{W-1}.pt: one written by another number
+        of ranks is refused (not skipped as unreadable, which would start the run over)."""
+        ranks = sorted(int(p.stem.split("_")[1]) for p in (self.dir / name).glob("rank_*.pt")
+                       if p.stem.split("_")[1].isdigit())
+        if ranks and ranks == list(range(len(ranks))) and len(ranks) != self.env.world_size:
+            raise ConfigError(f"checkpoint {name} in {self.dir} was written by {len(ranks)} rank(s), this run has "
+                              f"{self.env.world_size}: resume with as many (the global batch and the data order "
+                              f"depend on it), or use a new --out")
+
     def load(self, name: str | None = None) -> tuple[str, dict, dict] | None:
         """Collective: load ``name`` (default: newest valid) -> (name, shared, rank state).
 
-        A checkpoint that any rank cannot read is skipped with a warning, on all ranks alike.
+        A checkpoint that any rank cannot read (truncated, or needing to unpickle more than
+        tensors) is skipped with a warning, on all ranks alike. None: there is no checkpoint;
+        checkpoints that all fail to load are an error, never a silent start from step 0.
         """
         names = [name] if name else self.candidates()
         for cand in names:
+            self._check_world(cand)
             try:
                 shared = load_file(self.dir / cand / "shared.pt")
                 rank = load_file(self.dir / cand / f"rank_{self.env.rank:05d}.pt")
                 ok = 1
-            except Exception as e:  # truncated, missing or unsafe file
+            except pickle.UnpicklingError as e:  # weights_only refused a global: never unpickled
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                what = found.group(1) if found else str(e).splitlines()[0]
+                log.warning("checkpoint %s refused on rank %d: it needs unpickling %s, which is neither a tensor "
+                            "nor an allow-listed class (files load with torch.load(weights_only=True); nothing "
+                            "was unpickled)", cand, self.env.rank, what)
+                ok = 0
+            except Exception as e:  # truncated or missing file
                 log.warning("checkpoint %s unreadable on rank %d: %s", cand, self.env.rank, e)
                 ok = 0
             if int(all_reduce_sum(torch.tensor([ok], device=self.env.device)).item()) == self.env.world_size:
                 return cand, shared, rank
         if name:
             raise FileNotFoundError(f"checkpoint {self.dir / name} could not be loaded on every rank")
+        if names:
+            raise FileNotFoundError(f"none of the {len(names)} checkpoint(s) in {self.dir} could be loaded on every "
+                                    f"rank (see the warnings above): move them away or pass --resume none to start "
+                                    f"over, or use a new --out")
         return None
 
     def best_name(self) -> str | None:

@@ -37,6 +37,7 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     batch_size: int = 128  # per rank; the global batch is batch_size * world_size
+    global_batch_size: int = 0  # > 0: the global batch, split evenly over the ranks (replaces batch_size)
     num_workers: int = 2  # loader processes per rank
     shuffle_buffer: int = 2000  # samples held by each worker's shuffle buffer
     caption_mode: Literal["all", "random"] = "all"  # all: every caption is a pair (VSE++ epochs)
@@ -56,7 +57,10 @@ class DataConfig:
     epoch_steps: int = 0  # steps per epoch; 0: one pass over the split (floor(pairs / global batch))
 
     def validate(self) -> None:
+        check(bool(self.shards.strip()), "data.shards", "required: the shard set directory (launch/make_shards.py "
+              "writes one)")
         check(self.batch_size >= 2, "data.batch_size", "must be >= 2 (negatives come from the batch)")
+        check(self.global_batch_size >= 0, "data.global_batch_size", "must be >= 0 (0: use data.batch_size)")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
         check(self.epoch_steps >= 0, "data.epoch_steps", "must be >= 0")

@@ -56,6 +56,19 @@ def scalars(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def resolve_batch_size(cfg: Config, world_size: int) -> None:
+    """``data.global_batch_size`` -> the per-rank ``data.batch_size`` (it must divide evenly)."""
+    g = cfg.data.global_batch_size
+    if not g:
+        return
+    if g % world_size:
+        raise ConfigError(f"data.global_batch_size: {g} is not divisible by the world size {world_size}; "
+                          f"use a multiple of {world_size} or another number of processes")
+    if g // world_size < 2:
+        raise ConfigError(f"data.global_batch_size: {g} over {world_size} ranks leaves fewer than 2 per rank")
+    cfg.data.batch_size = g // world_size
+
+
 def check_resume_config(cfg: Config, run_dir: Path) -> None:
     """Refuse to continue a run with another method or model shape."""
     old_path = run_dir / "config.yaml"
@@ -106,6 +119,7 @@ class StopSignal:
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path, resume: str = "auto"):
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        resolve_batch_size(cfg, env.world_size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
         if resume != "none":

@@ -28,6 +28,21 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def npy_holds_objects(data: bytes) -> bool:
+    """True when ``.npy`` bytes declare an object dtype (loading them would need unpickling).
+
+    Reads the header only (a Python literal, parsed without evaluating code); a header that
+    cannot be read is left to :func:`decode_npy` to reject."""
+    buf = io.BytesIO(data)
+    try:
+        major, _ = np.lib.format.read_magic(buf)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        _, _, dtype = read(buf)
+    except Exception:  # noqa: BLE001 - damaged: decoding fails and counts it
+        return False
+    return bool(dtype.hasobject)
+
+
 def decode_image(sample: dict, min_size: int = 0) -> Image.Image:
     """The sample's image as an RGB PIL image.
 

@@ -13,8 +13,9 @@ epoch, rank, worker): batch g is the same batch in every run, so resuming at ste
 first batches' worth of raw pairs *before* decoding and continues with the very same sequence.
 
 Only the members xmdist writes are read (``READABLE``); a sample with any other member (say a
-``.pickle`` or ``.pyd`` that would need unpickling) is refused and counted, as are undecodable
-samples and unreadable tar data. Counts travel with each batch (``skipped``).
+``.pickle`` or ``.pyd`` that would need unpickling) or with an ``.npy`` member holding Python
+objects is refused and counted, as are undecodable samples and unreadable tar data. Counts
+travel with each batch (``skipped``). Evaluation leaves undecodable samples out with a warning.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from xmdist.data.decode import DECODE_ERRORS, SampleDecoder, decode_meta
+from xmdist.data.decode import DECODE_ERRORS, SampleDecoder, decode_meta, npy_holds_objects
 from xmdist.data.info import ShardError, Split
 from xmdist.data.vocab import Vocab
 
@@ -41,6 +42,11 @@ MAX_FAILURES_IN_A_ROW = 256  # then the data is not damaged but unusable: stop w
 
 def refused_members(sample: dict) -> list[str]:
     return [k for k in sample if not k.startswith("__") and k not in READABLE and not k.endswith("npy")]
+
+
+def pickled_npy_members(sample: dict) -> list[str]:
+    """The ``.npy`` members whose header declares Python objects (loading them means unpickling)."""
+    return [k for k in sample if k.endswith("npy") and not k.startswith("__") and npy_holds_objects(sample[k])]
 
 
 def iter_raw_samples(paths: list[str], on_skip: Callable[[str], None] | None = None) -> Iterator[dict]:
@@ -59,10 +65,12 @@ def iter_raw_samples(paths: list[str], on_skip: Callable[[str], None] | None = N
         with open(path, "rb") as stream:
             members = tar_file_expander([{"url": path, "stream": stream}], handler=handler)
             for sample in group_by_keys(members, handler=handler):
-                bad = refused_members(sample)
-                if bad:
-                    log.warning("refusing sample %s of %s: member(s) %s are not formats xmdist reads "
-                                "(nothing is ever unpickled)", sample["__key__"], path, ", ".join(bad))
+                bad, pickled = refused_members(sample), pickled_npy_members(sample)
+                if bad or pickled:
+                    why = (f"member(s) {', '.join(bad)} are not formats xmdist reads" if bad else
+                           f"member(s) {', '.join(pickled)} hold pickled Python objects (object arrays)")
+                    log.warning("refusing sample %s of %s: %s (nothing is ever unpickled)", sample["__key__"],
+                                path, why)
                     if on_skip:
                         on_skip("refused")
                     continue
@@ -188,14 +196,21 @@ class TrainStream(IterableDataset):
 
 def build_vocab(split: Split, min_count: int) -> Vocab:
     """Vocabulary of the split's captions (damaged samples skipped); an error if it has none."""
+    read = 0
+
     def captions() -> Iterator[str]:
+        nonlocal read
         for sample in iter_raw_samples(list(split.paths)):
+            read += 1
             try:
                 yield from decode_meta(sample)["captions"]
             except DECODE_ERRORS as e:
                 log.warning("vocabulary: skipping sample %s: %s", sample.get("__key__"), e)
 
     vocab = Vocab.build(captions(), min_count)
+    if read == 0:
+        raise ShardError(f"split '{split.name}' has no readable sample in its {len(split.paths)} shard(s) (see the "
+                         f"warnings above): the files are empty or damaged; rewrite them with launch/make_shards.py")
     if len(vocab) <= 4:
         raise ShardError(f"split '{split.name}' has no caption words seen >= {min_count} times: its samples "
                          f"need a json member with 'captions'")
@@ -257,7 +272,26 @@ class EvalStream(IterableDataset):
             if k % nslots == slot:
                 batch.append(sample)
                 if len(batch) == self.batch_size:
-                    yield self.decoder.eval_batch(batch)
+                    yield from self._decode(batch)
                     batch = []
         if batch:
-            yield self.decoder.eval_batch(batch)
+            yield from self._decode(batch)
+
+    def _decode(self, samples: list[dict]) -> Iterator[dict]:
+        """The batch of ``samples``; an undecodable sample is left out with a warning (the split is
+        evaluated without it) instead of ending the run at its evaluation."""
+        try:
+            yield self.decoder.eval_batch(samples)
+            return
+        except DECODE_ERRORS:
+            pass
+        good = []
+        for sample in samples:
+            try:
+                self.decoder.eval_batch([sample])
+                good.append(sample)
+            except DECODE_ERRORS as e:
+                log.warning("evaluation of split '%s': skipping sample %s of %s: %s: %s", self.split.name,
+                            sample.get("__key__"), sample.get("__url__"), type(e).__name__, e)
+        if good:
+            yield self.decoder.eval_batch(good)
