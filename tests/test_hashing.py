@@ -84,3 +84,19 @@ def test_unknown_label_name_is_named(feature_shards, tmp_path):
                  config="configs/djsrh_synthetic.yaml", check=False, nproc=1)
     assert proc.returncode == 2
     assert "data.labels: unknown label(s) ['dodecahedron']" in proc.stderr
+
+
+def test_end_to_end_fine_tuning_from_pixels(tiny_shards, tmp_path):
+    """model.image_input=pixels: the image shards' JPEGs through a trainable AlexNet; its weights
+    move with training while the graph's features come from a frozen copy."""
+    out = tmp_path / "run"
+    train(tiny_shards, out, *HASH, "model.image_input=pixels", "model.weights=random", "model.image_size=64",
+          "train.max_steps=3", "train.ckpt_every=1", "train.keep_last=5", "train.eval_every=1000",
+          "data.features=", config="configs/djsrh_synthetic.yaml", nproc=1)
+    ckpt = lambda s: torch.load(out / "checkpoints" / f"step_{s:08d}" / "shared.pt",  # noqa: E731
+                                weights_only=True)["nets"]["model"]["model"]
+    first, last = ckpt(1), ckpt(3)
+    trunk = [k for k in last if k.startswith("trunk.")]
+    assert trunk and any(not torch.equal(first[k], last[k]) for k in trunk)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num_queries"] == 40 and 0 < result["map_i2t"] <= 1

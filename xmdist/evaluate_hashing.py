@@ -35,14 +35,14 @@ def encode_codes(model: torch.nn.Module, split: Split, decoder, env: DistEnv, ba
     parts: dict[str, list] = {"ids": [], "image": [], "text": [], "labels": []}
     for batch in make_loader(stream, min(num_workers, 2), pin_memory=False):
         with autocast() if autocast else contextlib.nullcontext():
-            hi = model.encode_image(batch["features"].to(env.device))
+            hi = model.encode_image(batch["features" if "features" in batch else "images"].to(env.device))
             ht = model.encode_text(batch["tags"].to(env.device))
         parts["ids"].append(batch["image_ids"])
         parts["image"].append(to_codes(hi.float()).cpu())
         parts["text"].append(to_codes(ht.float()).cpu())
         parts["labels"].append(batch["labels"])
     model.train(was_training)
-    bits = model.encode_image(torch.zeros(1, decoder.image_dim, device=env.device)).shape[1]
+    bits = model.bits
     empty = {"ids": torch.zeros(0, dtype=torch.long), "image": torch.zeros(0, bits), "text": torch.zeros(0, bits),
              "labels": torch.zeros(0, len(decoder.labels) if decoder.labels else 0, dtype=torch.uint8)}
     local = {k: (torch.cat(v) if v else empty[k]) for k, v in parts.items()}

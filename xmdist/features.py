@@ -133,6 +133,17 @@ class FeatureExtractor(nn.Module):
         return out
 
 
+class TrainableExtractor(FeatureExtractor):
+    """The same cut, trainable (dropout active in training mode): end-to-end fine-tuning."""
+
+    def __init__(self, backbone: str, net: nn.Module, layers: Sequence[str]):
+        super().__init__(backbone, net, layers)
+        self.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "TrainableExtractor":
+        return nn.Module.train(self, mode)
+
+
 class RunImageEncoder(nn.Module):
     """The frozen image encoder of a trained xmdist run: ``{"embed": encode_image(images)}``."""
 
@@ -175,7 +186,7 @@ def _check_state(backbone: str, weights: str, expected: Mapping[str, torch.Tenso
 
 
 def build_extractor(backbone: str, layers: Sequence[str], weights: str | None = RANDOM,
-                    seed: int = 0) -> FeatureExtractor:
+                    seed: int = 0, trainable: bool = False) -> FeatureExtractor:
     """Frozen extractor; ``weights``: ``random`` (or None), a torchvision enum name or a file.
 
     Random weights are drawn from a private generator state seeded with ``seed``, so every rank
@@ -200,7 +211,7 @@ def build_extractor(backbone: str, layers: Sequence[str], weights: str | None = 
         _check_state(backbone, weights, net.state_dict(), state)
         net.load_state_dict(state, assign=True)
         net.float()  # assign=True keeps the file's dtype; half-precision files exist
-    return FeatureExtractor(backbone, net, layers)
+    return (TrainableExtractor if trainable else FeatureExtractor)(backbone, net, layers)
 
 
 def describe_weights(backbone: str, weights: str | None) -> dict[str, Any]:

@@ -160,29 +160,40 @@ class FeatureDecoder:
     checked against the first sample's so one odd sample is skipped, not stacked.
     """
 
-    def __init__(self, feature: str, image_dim: int, text_dim: int, labels: list[int] | None = None):
+    def __init__(self, feature: str, image_dim: int, text_dim: int, labels: list[int] | None = None,
+                 image_size: int = 0):
         self.feature, self.image_dim, self.text_dim = feature, image_dim, text_dim
-        self.labels = labels
+        self.labels, self.image_size = labels, image_size
+        # image_size > 0: the sample's image (resized, centre crop, uint8) instead of features,
+        # for a model that fine-tunes its CNN end to end
+        self.image_tf = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                                    v2.PILToTensor()]) if image_size else None
 
     def item(self, sample: dict) -> tuple:
-        feat = decode_npy(sample[self.feature]).astype(np.float32).reshape(-1)
         tags = decode_npy(sample["tags.npy"]).astype(np.float32).reshape(-1)
         labels = decode_npy(sample["labels.npy"]).astype(np.uint8).reshape(-1)
-        if feat.shape[0] != self.image_dim or tags.shape[0] != self.text_dim:
-            raise ValueError(f"{self.feature} has {feat.shape[0]} values and tags.npy {tags.shape[0]}; "
-                             f"expected {self.image_dim} and {self.text_dim}")
-        if not np.isfinite(feat).all():
-            raise ValueError(f"{self.feature} holds non-finite values")
+        if tags.shape[0] != self.text_dim:
+            raise ValueError(f"tags.npy has {tags.shape[0]} values; expected {self.text_dim}")
+        if self.image_tf is not None:
+            image = self.image_tf(decode_image(sample, self.image_size))
+        else:
+            feat = decode_npy(sample[self.feature]).astype(np.float32).reshape(-1)
+            if feat.shape[0] != self.image_dim:
+                raise ValueError(f"{self.feature} has {feat.shape[0]} values; expected {self.image_dim}")
+            if not np.isfinite(feat).all():
+                raise ValueError(f"{self.feature} holds non-finite values")
+            image = torch.from_numpy(feat)
         if self.labels is not None:
             labels = labels[self.labels]
-        return torch.from_numpy(feat), torch.from_numpy(tags), torch.from_numpy(labels), int(decode_meta(sample)["id"])
+        return image, torch.from_numpy(tags), torch.from_numpy(labels), int(decode_meta(sample)["id"])
 
     def train_item(self, sample: dict, caption: int, salt: tuple) -> tuple:
         return self.item(sample)
 
     def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
         feats, tags, labels, ids = zip(*items)
-        return {"features": torch.stack(feats), "tags": torch.stack(tags), "labels": torch.stack(labels),
+        return {"images" if self.image_tf else "features": torch.stack(feats), "tags": torch.stack(tags),
+                "labels": torch.stack(labels),
                 "image_ids": torch.tensor(ids, dtype=torch.long)}
 
     def eval_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:

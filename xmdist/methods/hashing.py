@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from xmdist.config import Config, ConfigError, check
-from xmdist.data.decode import FeatureDecoder, decode_npy
+from xmdist.data.decode import IMAGE_KEYS, FeatureDecoder, decode_npy, normalize_images
 from xmdist.data.info import ShardError, ShardSet, Split
 from xmdist.data.loader import iter_raw_samples
 from xmdist.dist import DistEnv, gather
 from xmdist.evaluate_hashing import evaluate_hashing, format_hashing
+from xmdist.features import LAYERS, build_extractor, feature_shape, min_image_size
 from xmdist.losses.hashing import alpha_for_epoch, djsrh_loss, djsrh_target, hash_codes, sgrn_graph, sgrn_loss
 from xmdist.methods import Network, Phase, register
 from xmdist.models.hashing import HashModel
@@ -32,10 +34,22 @@ class HashModelConfig:
     bits: int = 64
     image_hidden: int = 0  # 0: Linear(d_i, K) as DJSRH; > 0: an MLP with this many hidden units
     text_hidden: int = 4096
+    # features: precomputed image features from the shards; pixels: the shards' images through a
+    # trainable CNN (fine-tuned end to end, as DJSRH's code does), the similarity graph still from
+    # a frozen copy of the same CNN
+    image_input: Literal["features", "pixels"] = "features"
+    backbone: str = "alexnet"  # pixels: a torchvision CNN of xmdist/features.py (alexnet fc7, vgg fc7, resnet pool)
+    weights: str | None = "DEFAULT"  # pixels: torchvision weight name, a .pth file, or "random"
+    image_size: int = 224  # pixels: resize and centre crop
 
     def validate(self) -> None:
         check(self.bits >= 1, "model.bits", "must be >= 1")
         check(self.image_hidden >= 0 and self.text_hidden >= 0, "model.image_hidden", "must be >= 0")
+        if self.image_input == "pixels":
+            check(self.backbone in LAYERS and self.backbone != "run", "model.backbone",
+                  f"must be one of {', '.join(b for b in LAYERS if b != 'run')}")
+            check(self.image_size >= min_image_size(self.backbone), "model.image_size",
+                  f"{self.backbone} needs at least {min_image_size(self.backbone)} px")
 
 
 @dataclass
@@ -90,15 +104,18 @@ class _Hashing:
         self.dims: tuple[int, int] | None = None
 
     def make_decoder(self, shards: ShardSet, vocab=None) -> FeatureDecoder:
-        d = self.cfg.data
+        d, m = self.cfg.data, self.cfg.model
+        pixels = m.image_input == "pixels"
         feature = d.features or shards.info.get("layer")
-        if not feature:
+        if not feature and not pixels:
             raise ShardError(f"{shards.root} holds no precomputed image features ({self.cfg.method} trains on "
-                             f"them): write a feature set with launch/extract_features.py, or name the member "
-                             f"with data.features")
+                             f"them): write a feature set with launch/extract_features.py, name the member "
+                             f"with data.features, or train on the images with model.image_input=pixels")
         member = f"{feature}.npy"
         sample = _first_sample(shards.split(d.train_split))
-        missing = [m for m in (member, "tags.npy", "labels.npy", "json") if m not in sample]
+        image = [k for k in IMAGE_KEYS if k in sample][:1] if pixels else [member]
+        missing = [m for m in ("tags.npy", "labels.npy", "json") if m not in sample] + (
+            [] if image and image[0] in sample else ["an image (jpg/png)" if pixels else member])
         if missing:
             raise ShardError(f"{shards.root}: samples have no {', '.join(missing)} (members: "
                              f"{', '.join(k for k in sample if not k.startswith('__'))})")
@@ -111,15 +128,26 @@ class _Hashing:
             if unknown:
                 raise ConfigError(f"data.labels: unknown label(s) {unknown}; known: {names}")
             labels = [names.index(n) for n in d.labels]
-        image_dim, text_dim = decode_npy(sample[member]).size, decode_npy(sample["tags.npy"]).size
+        text_dim = decode_npy(sample["tags.npy"]).size
+        if pixels:
+            image_dim = feature_shape(m.backbone, LAYERS[m.backbone][0], m.image_size)[0]
+        else:
+            image_dim = decode_npy(sample[member]).size
         self.dims = (image_dim, text_dim)
-        return FeatureDecoder(member, image_dim, text_dim, labels)
+        return FeatureDecoder(member, image_dim, text_dim, labels, m.image_size if pixels else 0)
 
     def build(self, vocab_size: int | None = None) -> dict[str, Network]:
         if self.dims is None:
             raise RuntimeError("make_decoder() first: the model's input sizes come from the data")
         m = self.cfg.model
-        return {"model": Network(HashModel(*self.dims, m.bits, m.image_hidden, m.text_hidden), self.cfg.optim)}
+        trunk = None
+        if m.image_input == "pixels":
+            layer, weights = LAYERS[m.backbone][0], m.weights or "random"
+            trunk = build_extractor(m.backbone, [layer], weights, trainable=True)
+            # the similarity graph's image features: a frozen copy, outside the optimiser
+            self.feature_net = build_extractor(m.backbone, [layer], weights).to(self.env.device)
+        model = HashModel(*self.dims, m.bits, m.image_hidden, m.text_hidden, trunk)
+        return {"model": Network(model, self.cfg.optim)}
 
     @property
     def phases(self) -> list[Phase]:
@@ -130,8 +158,12 @@ class _Hashing:
 
     def _gathered(self, batch: dict, out: dict, epoch: int) -> dict[str, torch.Tensor]:
         alpha = alpha_for_epoch(epoch)
-        g = {"fi": batch["features"].float(), "ft": batch["tags"].float(), "hi": out["hi"].float(),
-             "ht": out["ht"].float()}
+        if "images" in batch:  # end to end: graph features from the frozen copy of the CNN
+            with torch.no_grad():
+                (fi,) = self.feature_net(normalize_images(batch["images"])).values()
+        else:
+            fi = batch["features"]
+        g = {"fi": fi.float(), "ft": batch["tags"].float(), "hi": out["hi"].float(), "ht": out["ht"].float()}
         g["bi"], g["bt"] = hash_codes(g["hi"], alpha), hash_codes(g["ht"], alpha)
         for k in ("fi", "ft"):
             g[k + "_all"] = gather(g[k])
