@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from xmdist.config import Config, OptimConfig
+from xmdist.config import ConfigError, Config, OptimConfig
 from xmdist.dist import DistEnv
 from xmdist.optim import build_optimizer, build_scheduler
 
@@ -28,7 +28,7 @@ class DDPBackend:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config, env: DistEnv,
                  grad_clip: float):
         if cfg.train.precision == "fp16" and env.device.type != "cuda":
-            raise ValueError("train.precision=fp16 needs a GPU (gradient scaling); use bf16 on CPU")
+            raise ConfigError("train.precision: fp16 needs a GPU (gradient scaling); use bf16 on CPU")
         self.module = model.to(env.device)
         self.model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
         self.optimizer, self.scheduler = optimizer, scheduler

@@ -75,10 +75,13 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
     if not old_path.exists():
         return
     old = load_config(old_path)
-    for section in ("method", "model"):
-        if getattr(old, section) != getattr(cfg, section):
-            raise ConfigError(f"{section}: differs from the run being resumed in {run_dir} "
-                              f"({getattr(old, section)} != {getattr(cfg, section)}); use a new --out")
+    if old.method != cfg.method:
+        raise ConfigError(f"method: differs from the run being resumed in {run_dir} ({old.method} != "
+                          f"{cfg.method}); use a new --out")
+    if old.model != cfg.model:
+        changed = ", ".join(f"model.{k}: {v} -> {getattr(cfg.model, k)}" for k, v in vars(old.model).items()
+                            if getattr(cfg.model, k, None) != v)
+        raise ConfigError(f"model: differs from the run being resumed in {run_dir} ({changed}); use a new --out")
 
 
 class Stopped(SystemExit):
@@ -124,13 +127,7 @@ class Trainer:
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
         if resume != "none":
             check_resume_config(cfg, self.run_dir)  # on every rank: all of them stop alike
-        barrier()  # every rank has read the old config.yaml before rank 0 replaces it
-
-        def write_config() -> None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-
-        on_main(write_config, env)
+        on_main(lambda: self.run_dir.mkdir(parents=True, exist_ok=True), env)
         self.shards = ShardSet.open(cfg.data.shards)
         self.train_split = self.shards.split(cfg.data.train_split)
         self.val_split = self.shards.split(cfg.data.val_split)
@@ -159,6 +156,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + env.rank)
         if resume != "none":
             self._resume(None if resume == "auto" else resume)
+        barrier()  # every rank has read the old config.yaml before rank 0 replaces it
+        # Written once every check passed: a refused start leaves the run directory as it was.
+        on_main(lambda: save_config(cfg, self.run_dir / "config.yaml"), env)
         sizes = ", ".join(f"{k} {sum(p.numel() for p in b.module.parameters()) / 1e6:.2f}M"
                           for k, b in self.nets.items())
         log.info("%s (%s parameters): %d step(s)/epoch (global batch %d on %d rank(s)), backend %s, %s",

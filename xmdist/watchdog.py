@@ -45,6 +45,9 @@ class Watchdog:
                     h.flush()
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
+                # The other ranks went idle at about the same time; their watchdogs fire within
+                # one check interval. Exiting at once would let the launcher kill them first.
+                time.sleep(min(30.0, self.timeout_s / 2))
                 os._exit(EXIT_CODE)
 
     def stop(self) -> None:

@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
+from xmdist.config import ConfigError
 from xmdist.data.decode import normalize_images
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19")
@@ -47,11 +48,11 @@ def _load_weights(name: str, weights: str):
     try:
         enum = torchvision.models.get_model_weights(name)[weights]
     except KeyError:
-        raise ValueError(f"model.weights: {name} has no weights named {weights!r}") from None
+        raise ConfigError(f"model.weights: {name} has no weights named {weights!r}") from None
     try:
         return enum.get_state_dict(progress=False)
     except Exception as e:  # no network, no cache: say where the file must go
-        raise RuntimeError(
+        raise ConfigError(
             f"could not load {name} weights {weights} ({type(e).__name__}: {e}). Download "
             f"{enum.url} elsewhere and pass model.weights=/path/to/file.pth, or put it in "
             f"{Path(torch.hub.get_dir()) / 'checkpoints'}") from None
