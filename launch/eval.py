@@ -95,8 +95,8 @@ def hamming_mode(ctx: dict) -> tuple[dict, dict]:
     loaded, env, a = ctx["loaded"], ctx["env"], ctx["args"]
     cfg = loaded.config
     database = ctx["shards"].split(a.database or cfg.eval.database_split or cfg.data.train_split)
-    codes = {name: encode_codes(loaded.model, split, loaded.decoder, env, ctx["batch_size"], cfg.data.num_workers,
-                                0, loaded.autocast) for name, split in (("query", ctx["split"]), ("db", database))}
+    codes = {name: encode_codes(loaded.model, split, loaded.decoder, env, ctx["batch_size"], 0, loaded.autocast)
+             for name, split in (("query", ctx["split"]), ("db", database))}
     metrics = score(codes["query"], codes["db"], topk=a.topk, curves=True) if env.is_main else None
     metrics = broadcast_object(metrics)
     metrics["database_split"] = database.name

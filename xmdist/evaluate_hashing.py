@@ -27,13 +27,16 @@ PK_POINTS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000)
 
 @torch.no_grad()
 def encode_codes(model: torch.nn.Module, split: Split, decoder, env: DistEnv, batch_size: int,
-                 num_workers: int, max_items: int = 0, autocast=None) -> dict[str, torch.Tensor]:
+                 max_items: int = 0, autocast=None) -> dict[str, torch.Tensor]:
     """All ranks -> {"image", "text"} sign codes (n, K) and "labels" (n, L) of ``split``, by id."""
     was_training = model.training
     model.eval()
     stream = EvalStream(split, decoder, batch_size, env.rank, env.world_size, max_items)
     parts: dict[str, list] = {"ids": [], "image": [], "text": [], "labels": []}
-    for batch in make_loader(stream, min(num_workers, 2), pin_memory=False):
+    # Decoded in this process: feature rows are cheap, and forking a loader right after the query
+    # split's loader shut down can deadlock the child in CPython 3.11 (a thread of the old loader
+    # exiting while fork() runs holds the interpreter's thread-list lock).
+    for batch in make_loader(stream, 0, pin_memory=False):
         with autocast() if autocast else contextlib.nullcontext():
             hi = model.encode_image(batch["features" if "features" in batch else "images"].to(env.device))
             ht = model.encode_text(batch["tags"].to(env.device))
@@ -91,13 +94,13 @@ def bit_balance(codes: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_hashing(model: torch.nn.Module, query: Split, database: Split, decoder, env: DistEnv,
-                     batch_size: int, num_workers: int, max_queries: int = 0, autocast=None,
+                     batch_size: int, max_queries: int = 0, autocast=None,
                      curves: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metrics, {"image", "text"} per-bit balance of the database codes); the metrics dict is
     identical on every rank."""
     t0 = time.time()
-    q = encode_codes(model, query, decoder, env, batch_size, num_workers, max_queries, autocast)
-    db = encode_codes(model, database, decoder, env, batch_size, num_workers, 0, autocast)
+    q = encode_codes(model, query, decoder, env, batch_size, max_queries, autocast)
+    db = encode_codes(model, database, decoder, env, batch_size, 0, autocast)
     metrics = None
     if env.is_main:
         metrics = score(q, db, curves=curves)

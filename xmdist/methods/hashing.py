@@ -176,7 +176,7 @@ class _Hashing:
         c = self.cfg
         database = shards.split(c.eval.database_split or c.data.train_split)
         metrics, balance = evaluate_hashing(model, split, database, decoder, self.env, c.eval.batch_size,
-                                            c.data.num_workers, max_images, autocast, curves=final)
+                                            max_images, autocast, curves=final)
         if logger is not None:
             for k, v in balance.items():
                 logger.histogram(f"{prefix}bit_balance_{k}", v, step)
