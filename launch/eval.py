@@ -10,13 +10,16 @@
     torchrun ... launch/eval.py --checkpoint runs/sgrn64 --split test --database train --out sgrn64.json
 
 ``--mode`` follows the run's method unless given. ``common``: common-space R@1/5/10, medr, meanr
-and rsum with ``xmdist.evaluate.evaluate`` (every rank encodes its share). ``hamming``: sign
+and rsum with ``xmdist.evaluate`` (every rank encodes its share, once). ``hamming``: sign
 codes of the query split against the database split, mAP@all, mAP@K in both conventions
 (``window`` DJSRH/DCMH, ``first`` AGAH/DGCPN), the P@K curve, the PR curve over Hamming radius
 0..K and the chance level (fraction of relevant pairs), with ``xmdist.evaluate_hashing``; its
 TensorBoard shows the PR and P@K curves as images and each bit's balance over the database as
-histograms (``codes/bit_balance_{image,text}``: the mean of a bit, 0 = balanced). With TensorBoard (``--tb``, default
-RUN/tb_eval; ``--tb none`` skips it) the split is encoded a second time for: the metrics as
+histograms (``codes/bit_balance_{image,text}``: the mean of a bit, 0 = balanced), and for a few
+queries their 5 nearest database items with labels.
+
+``common`` with TensorBoard (``--tb``, default RUN/tb_eval; ``--tb none`` skips it) logs, from
+the embeddings the metrics were computed on: the metrics as
 scalars ``SPLIT/...``, the recall@K curves (K = 1..50, both directions; also in the JSON) drawn
 as an image, and retrieval examples over the whole split: 4 query images with their top-5
 captions (text, ✓ correct / ✗ wrong) and 4 query captions with their top-5 images (a grid, green
@@ -74,17 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def common_mode(ctx: dict) -> tuple[dict, dict | None]:
     """Common-space retrieval: (metrics, embeddings for TensorBoard or None)."""
-    from xmdist.evaluate import encode_split, evaluate
+    from xmdist.evaluate import encode_split, score_split
 
     loaded, env, a = ctx["loaded"], ctx["env"], ctx["args"]
     cfg = loaded.config
-    common = (loaded.model, ctx["split"], loaded.decoder, env, cfg.model.embed_dim, ctx["batch_size"],
-              cfg.data.num_workers, ctx["cpi"])
-    metrics = evaluate(*common, a.folds, 0, loaded.autocast)
-    if not ctx["tb"]:
-        return metrics, None
-    img, cap = encode_split(*common, 0, loaded.autocast)
-    return metrics, {"img": img, "cap": cap}
+    # encoded once, for the metrics and for TensorBoard
+    img, cap = encode_split(loaded.model, ctx["split"], loaded.decoder, env, cfg.model.embed_dim, ctx["batch_size"],
+                            cfg.data.num_workers, ctx["cpi"], 0, loaded.autocast)
+    metrics = score_split(img, cap, ctx["split"].name, env, ctx["cpi"], a.folds)
+    return metrics, ({"img": img, "cap": cap} if ctx["tb"] else None)
 
 
 def hamming_mode(ctx: dict) -> tuple[dict, dict]:

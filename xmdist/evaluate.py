@@ -54,14 +54,20 @@ def evaluate(model: torch.nn.Module, split: Split, decoder: SampleDecoder, env: 
     t0 = time.time()
     img, cap = encode_split(model, split, decoder, env, dim, batch_size, num_workers,
                             captions_per_image, max_images, autocast)
+    return score_split(img, cap, split.name, env, captions_per_image, folds, t0)
+
+
+def score_split(img: torch.Tensor, cap: torch.Tensor, name: str, env: DistEnv, captions_per_image: int,
+                folds: int = 1, t0: float | None = None) -> dict[str, float]:
+    """Metrics of gathered embeddings (:func:`encode_split`), computed on rank 0 and broadcast."""
     metrics = None
     if env.is_main:
         n = len(img) - len(img) % folds  # the 1K-fold protocol uses whole folds
         metrics = recall_at_k(img[:n], cap[: n * captions_per_image], folds=folds,
                               captions_per_image=captions_per_image)
         metrics["num_images"] = float(n)
-        log.info("eval %s (%d images, %d fold(s)) in %.1fs: %s", split.name, n, folds, time.time() - t0,
-                 format_metrics(metrics))
+        took = f" in {time.time() - t0:.1f}s" if t0 is not None else ""
+        log.info("eval %s (%d images, %d fold(s))%s: %s", name, n, folds, took, format_metrics(metrics))
     return broadcast_object(metrics)
 
 
