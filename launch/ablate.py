@@ -24,14 +24,18 @@ ROWS = {"base": "VSE++ base (L_se only)", "mosp": "+ mo & sp", "imgre": "+ mo & 
 COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
-def run_row(row: str, out: Path, nproc: int, overrides: list[str]) -> dict:
+def run_row(row: str, out: Path, nproc: int, overrides: list[str], config: str | None = None) -> dict:
+    """Train ``configs/<config>.yaml`` (default ``mfsr_ablation_<row>``) into ``OUT/<row>``
+    unless it already has an eval.json; its eval.json plus ``wall_s``."""
     run_dir = out / row
     if not (run_dir / "eval.json").exists():
         sets = [a for o in overrides for a in ("--set", o)]
+        config = config or f"mfsr_ablation_{row}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "launch/train.py"), "--config", str(ROOT / f"configs/mfsr_ablation_{row}.yaml"),
+               str(ROOT / "launch/train.py"), "--config", str(ROOT / f"configs/{config}.yaml"),
                "--out", str(run_dir), *sets]
         t0 = time.time()
+        print(f"== {row}: {config} {' '.join(overrides)}", flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc))})
         (run_dir / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
     result = json.loads((run_dir / "eval.json").read_text())

@@ -13,33 +13,12 @@ which is the mAP of a random ranking) goes to ``OUT/hashing.md`` and the console
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ablate import run_row  # launch/: the script's own directory
 ABLATION_NAMES = {"nogate": "SGRN without LRGR gate (G = A)", "now": "SGRN with W = 1 (no enhanced weight)",
                   "rho0": "SGRN with rho = 0 (no real-valued terms)", "eta0": "SGRN with eta = 0 (no coherence)"}
-
-
-def run_row(name: str, config: str, sets: list[str], out: Path, nproc: int) -> dict:
-    run_dir = out / name
-    if not (run_dir / "eval.json").exists():
-        args = [a for o in sets for a in ("--set", o)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "launch/train.py"), "--config", str(ROOT / f"configs/{config}.yaml"),
-               "--out", str(run_dir), *args]
-        t0 = time.time()
-        print(f"== {name}: {' '.join(sets)}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        (run_dir / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
-    result = json.loads((run_dir / "eval.json").read_text())
-    wall = run_dir / "wall_s.txt"
-    result["wall_s"] = float(wall.read_text()) if wall.exists() else float("nan")
-    return result
 
 
 def table(rows: dict[str, tuple[str, dict]]) -> str:
@@ -69,11 +48,11 @@ def main(argv=None) -> int:
         for bits in map(int, a.bits.split(",")):
             name = f"{method}{bits}"
             sets = [f"model.bits={bits}", *a.overrides]
-            rows[name] = (method.upper(), run_row(name, f"{method}_synthetic", sets, out, a.nproc))
+            rows[name] = (method.upper(), run_row(name, out, a.nproc, sets, f"{method}_synthetic"))
     ablations = [] if a.ablations == "none" else a.ablations.split(",")
     for abl in ablations:
         name = f"sgrn64_{abl}"
-        rows[name] = (ABLATION_NAMES[abl], run_row(name, f"sgrn_ablation_{abl}", a.overrides, out, a.nproc))
+        rows[name] = (ABLATION_NAMES[abl], run_row(name, out, a.nproc, a.overrides, f"sgrn_ablation_{abl}"))
     text = table(rows)
     (out / "hashing.md").write_text(text)
     print(text)

@@ -27,29 +27,16 @@ def ref_ap(qB, rB, qL, rL, topk=None, mode="window") -> np.ndarray:
     for i in range(len(qB)):
         gnd = (rL.astype(np.float64) @ qL[i].astype(np.float64) > 0).astype(np.float64)
         gnd = gnd[ref_order(qB[i], rB)]
-        if topk is None:
-            tsum = int(gnd.sum())
-            if tsum == 0:
-                aps.append(0.0)
-                continue
-            count = np.arange(1, tsum + 1, dtype=np.float64)
-            tindex = np.flatnonzero(gnd) + 1.0
-        elif mode == "window":  # DJSRH / DCMH calc_map_k
-            tgnd = gnd[:topk]
-            tsum = int(tgnd.sum())
-            if tsum == 0:
-                aps.append(0.0)
-                continue
-            count = np.arange(1, tsum + 1, dtype=np.float64)
-            tindex = np.flatnonzero(tgnd) + 1.0
-        else:  # AGAH / DGCPN calc_map_k
-            tsum = int(gnd.sum())
-            if tsum == 0:
-                aps.append(0.0)
-                continue
-            total = min(topk, tsum)
-            count = np.arange(1, total + 1, dtype=np.float64)
-            tindex = np.flatnonzero(gnd)[:total] + 1.0
+        if topk is not None and mode == "window":  # DJSRH / DCMH calc_map_k: the first topk only
+            gnd = gnd[:topk]
+        tsum = int(gnd.sum())
+        if tsum == 0:
+            aps.append(0.0)
+            continue
+        # mAP@all and window: every relevant item in gnd; AGAH / DGCPN: the first min(topk, R)
+        total = tsum if topk is None or mode == "window" else min(topk, tsum)
+        count = np.arange(1, total + 1, dtype=np.float64)
+        tindex = np.flatnonzero(gnd)[:total] + 1.0
         aps.append(float(np.mean(count / tindex)))
     return np.asarray(aps)
 

@@ -45,23 +45,12 @@ def encode_codes(model: torch.nn.Module, split: Split, decoder, env: DistEnv, ba
         parts["text"].append(to_codes(ht.float()).cpu())
         parts["labels"].append(batch["labels"])
     model.train(was_training)
-    bits = model.bits
-    empty = {"ids": torch.zeros(0, dtype=torch.long), "image": torch.zeros(0, bits), "text": torch.zeros(0, bits),
-             "labels": torch.zeros(0, len(decoder.labels) if decoder.labels else 0, dtype=torch.uint8)}
-    local = {k: (torch.cat(v) if v else empty[k]) for k, v in parts.items()}
-    if not parts["labels"] and decoder.labels is None:  # this rank got no sample: learn the width
-        local["labels"] = torch.zeros(0, _label_width(split, decoder), dtype=torch.uint8)
+    empty = {"ids": torch.zeros(0, dtype=torch.long), "image": torch.zeros(0, model.bits),
+             "text": torch.zeros(0, model.bits), "labels": torch.zeros(0, decoder.num_labels, dtype=torch.uint8)}
+    local = {k: (torch.cat(v) if v else empty[k]) for k, v in parts.items()}  # a rank may get no sample
     out = {k: gather_variable(v.to(env.device)).cpu() for k, v in local.items()}
     order = torch.argsort(out.pop("ids"))
     return {k: v[order] for k, v in out.items()}
-
-
-def _label_width(split: Split, decoder) -> int:
-    from xmdist.data.loader import iter_raw_samples
-
-    for sample in iter_raw_samples(list(split.paths)):
-        return decoder.item(sample)[2].shape[0]
-    return 0
 
 
 def score(query: dict[str, torch.Tensor], db: dict[str, torch.Tensor], topk: int = 50,

@@ -107,7 +107,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     cfg = load_config(run_dir / "config.yaml")
     if method and cfg.method != method:
         raise RunError(f"{run_dir} is a {cfg.method} run; this needs method {method}")
-    impl = get_method(cfg.method)(cfg, DistEnv())
+    build_cfg = copy.deepcopy(cfg)
+    if hasattr(build_cfg.model, "weights"):
+        build_cfg.model.weights = None  # the checkpoint has the weights: never download pretrained ones
+    impl = get_method(cfg.method)(build_cfg, DistEnv())
     vocab, data_decoder = None, None
     if impl.uses_vocab:
         if not (run_dir / "vocab.json").is_file():
@@ -128,10 +131,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     if trainer["method"] != cfg.method:
         raise RunError(f"checkpoint {path} was trained with method {trainer['method']}, but "
                        f"{run_dir / 'config.yaml'} says {cfg.method}")
-    build_cfg = copy.deepcopy(cfg)
-    if hasattr(build_cfg.model, "weights"):
-        build_cfg.model.weights = None  # the checkpoint has the weights: never download pretrained ones
-    impl.cfg = build_cfg
     model = impl.build(len(vocab) if vocab else None)["model"].module
     try:
         model.load_state_dict(state)

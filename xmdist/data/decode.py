@@ -160,10 +160,11 @@ class FeatureDecoder:
     checked against the first sample's so one odd sample is skipped, not stacked.
     """
 
-    def __init__(self, feature: str, image_dim: int, text_dim: int, labels: list[int] | None = None,
-                 image_size: int = 0):
+    def __init__(self, feature: str, image_dim: int, text_dim: int, num_labels: int,
+                 labels: list[int] | None = None, image_size: int = 0):
         self.feature, self.image_dim, self.text_dim = feature, image_dim, text_dim
         self.labels, self.image_size = labels, image_size
+        self.num_labels = len(labels) if labels is not None else num_labels  # after the selection
         # image_size > 0: the sample's image (resized, centre crop, uint8) instead of features,
         # for a model that fine-tunes its CNN end to end
         self.image_tf = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),

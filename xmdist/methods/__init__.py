@@ -28,6 +28,17 @@ class Phase:
     network: str  # stepped after this phase's backward
     loss: Callable  # (nets, batch, out, epoch) -> {"loss": share to optimise, other terms...}
 
+class SingleModel:
+    """Base of methods that train one network, ``"model"``, with one loss phase ``losses``."""
+
+    @property
+    def phases(self) -> list[Phase]:
+        return [Phase("model", self.losses)]
+
+    def forward(self, nets: dict, batch: dict) -> dict:
+        return nets["model"].model(batch)
+
+
 _METHODS: dict[str, type] = {}
 
 

@@ -23,7 +23,7 @@ from xmdist.dist import DistEnv, gather
 from xmdist.evaluate_hashing import evaluate_hashing, format_hashing
 from xmdist.features import LAYERS, build_extractor, feature_shape, min_image_size
 from xmdist.losses.hashing import alpha_for_epoch, djsrh_loss, djsrh_target, hash_codes, sgrn_graph, sgrn_loss
-from xmdist.methods import Network, Phase, register
+from xmdist.methods import Network, SingleModel, register
 from xmdist.models.hashing import HashModel
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _first_sample(split: Split) -> dict:
     raise ShardError(f"split '{split.name}' has no readable sample")
 
 
-class _Hashing:
+class _Hashing(SingleModel):
     """What DJSRH and SGRN share: data, model, evaluation. Subclasses define ``losses``."""
 
     model_config = HashModelConfig
@@ -113,9 +113,11 @@ class _Hashing:
                              f"with data.features, or train on the images with model.image_input=pixels")
         member = f"{feature}.npy"
         sample = _first_sample(shards.split(d.train_split))
-        image = [k for k in IMAGE_KEYS if k in sample][:1] if pixels else [member]
-        missing = [m for m in ("tags.npy", "labels.npy", "json") if m not in sample] + (
-            [] if image and image[0] in sample else ["an image (jpg/png)" if pixels else member])
+        missing = [m for m in ("tags.npy", "labels.npy", "json") if m not in sample]
+        if pixels and not any(k in sample for k in IMAGE_KEYS):
+            missing.append("an image (jpg/png)")
+        elif not pixels and member not in sample:
+            missing.append(member)
         if missing:
             raise ShardError(f"{shards.root}: samples have no {', '.join(missing)} (members: "
                              f"{', '.join(k for k in sample if not k.startswith('__'))})")
@@ -134,7 +136,8 @@ class _Hashing:
         else:
             image_dim = decode_npy(sample[member]).size
         self.dims = (image_dim, text_dim)
-        return FeatureDecoder(member, image_dim, text_dim, labels, m.image_size if pixels else 0)
+        num_labels = decode_npy(sample["labels.npy"]).size
+        return FeatureDecoder(member, image_dim, text_dim, num_labels, labels, m.image_size if pixels else 0)
 
     def build(self, vocab_size: int | None = None) -> dict[str, Network]:
         if self.dims is None:
@@ -148,13 +151,6 @@ class _Hashing:
             self.feature_net = build_extractor(m.backbone, [layer], weights).to(self.env.device)
         model = HashModel(*self.dims, m.bits, m.image_hidden, m.text_hidden, trunk)
         return {"model": Network(model, self.cfg.optim)}
-
-    @property
-    def phases(self) -> list[Phase]:
-        return [Phase("model", self.losses)]
-
-    def forward(self, nets: dict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return nets["model"].model(batch)
 
     def _gathered(self, batch: dict, out: dict, epoch: int) -> dict[str, torch.Tensor]:
         alpha = alpha_for_epoch(epoch)

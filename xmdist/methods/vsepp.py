@@ -12,7 +12,7 @@ from xmdist.data.info import ShardSet, Split
 from xmdist.dist import DistEnv, gather
 from xmdist.evaluate import evaluate, format_metrics
 from xmdist.losses.contrastive import vse_loss
-from xmdist.methods import Network, Phase, register
+from xmdist.methods import Network, SingleModel, register
 from xmdist.models.vse import VSEModel
 
 
@@ -44,7 +44,7 @@ class VSELossConfig:
 
 
 @register("vsepp")
-class VSEPP:
+class VSEPP(SingleModel):
     model_config = VSEModelConfig
     loss_config = VSELossConfig
     uses_vocab = True  # captions are token ids of the run's vocabulary
@@ -70,13 +70,6 @@ class VSEPP:
         m = self.cfg.model
         model = VSEModel(vocab_size, m.backbone, m.embed_dim, m.word_dim, m.text_layers, m.weights, m.finetune)
         return {"model": Network(model, self.cfg.optim)}
-
-    @property
-    def phases(self) -> list[Phase]:
-        return [Phase("model", self.losses)]
-
-    def forward(self, nets: dict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return nets["model"].model(batch)
 
     def losses(self, nets: dict, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
                epoch: int) -> dict[str, torch.Tensor]:
