@@ -4,11 +4,15 @@ from __future__ import annotations
 import itertools
 import shutil
 
+import numpy as np
+
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms import v2
 
 from conftest import make_synthetic
-from xmdist.data.decode import SampleDecoder
+from xmdist.data.decode import RandomCropFlip, SampleDecoder, hwc_to_tensor
 from xmdist.data.info import ShardError, ShardSet
 from xmdist.data.loader import EvalStream, build_vocab, StreamPlan, TrainStream, make_loader, steps_per_epoch, worker_count
 
@@ -58,6 +62,8 @@ def test_batches_are_well_formed(tiny_shards):
     assert (b["tokens"][:, 0] == 1).all()  # <start>
     assert (b["lengths"] == (b["tokens"] != 0).sum(1)).all()
     assert b["image_ids"].shape == (8,)
+    # uint8, channels-last in memory (the items are HWC; stacking them is a plain copy)
+    assert b["images"].dtype == torch.uint8 and b["images"].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -240,4 +246,92 @@ def test_gpu_decode_path_matches_cpu_decoding(tiny_shards):
                                   torch.device("cpu"))
     assert torch.equal(a["tokens"], b["tokens"]) and a["images"].shape == b["images"].shape
     assert a["images"].dtype == b["images"].dtype == torch.uint8
-    assert (a["images"].float() - b["images"].float()).abs().mean() < 4  # two JPEG decoders, same crops
+    # the same crops and resize: only the two JPEG decoders (PIL's, torchvision's) may differ
+    assert (a["images"].float() - b["images"].float()).abs().mean() < 1
+
+
+def test_random_crop_params_follow_the_sampling_rule():
+    aug = RandomCropFlip(32, scale=(0.1, 0.4), ratio=(3 / 4, 4 / 3))
+    areas, ratios, flips = [], [], 0
+    for seed in range(2000):
+        top, left, h, w, flip = aug.params(200, 240, seed)
+        assert 0 <= top and top + h <= 200 and 0 <= left and left + w <= 240
+        assert aug.params(200, 240, seed) == (top, left, h, w, flip)  # a seed is one crop
+        areas.append(h * w / (200 * 240))
+        ratios.append(w / h)
+        flips += flip
+    # every draw fits at these scales: area uniform in [0.1, 0.4], ratio log-uniform (up to
+    # rounding to whole pixels)
+    assert 0.099 < min(areas) < 0.105 and 0.395 < max(areas) < 0.401
+    assert abs(np.mean(areas) - 0.25) < 0.01
+    assert 3 / 4 - 0.01 < min(ratios) < 0.77 and 1.30 < max(ratios) < 4 / 3 + 0.01
+    assert abs(np.mean(np.log(ratios))) < 0.01
+    assert 900 < flips < 1100
+
+
+def test_random_crop_falls_back_to_the_centre_when_nothing_fits():
+    # a 10:1 strip: no crop within ratio 3/4..4/3 covers 90 % of it, so the largest centred crop
+    # with the widest ratio is taken
+    aug = RandomCropFlip(16, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), hflip=False)
+    assert aug.params(20, 200, 0) == (0, (200 - round(20 * 4 / 3)) // 2, 20, round(20 * 4 / 3), False)
+
+
+def test_random_crop_flip_is_the_same_on_arrays_and_tensors():
+    # the CPU decoder's arrays are cropped and flipped before resizing; tensors (the GPU path)
+    # after: the same images
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    aug = RandomCropFlip(24, scale=(0.08, 1.0))
+    for seed in range(40):
+        a, b = aug(image, seed), aug(hwc_to_tensor(image), seed)
+        assert a.shape == b.shape == (3, 24, 24) and a.dtype == torch.uint8
+        assert torch.equal(a, b)
+    # the flip is a mirror of the same crop, and the crop is that region resized
+    noflip = RandomCropFlip(24, scale=(0.08, 1.0), hflip=False)
+    for seed in range(10):
+        top, left, h, w, flip = aug.params(60, 90, seed)
+        assert noflip.params(60, 90, seed)[:4] == (top, left, h, w)
+        if flip:
+            assert torch.equal(aug(image, seed), noflip(image, seed).flip(-1))
+        region = torch.from_numpy(image[top:top + h, left:left + w].copy()).permute(2, 0, 1)
+        assert torch.equal(noflip(image, seed), v2.functional.resize(region, [24, 24], antialias=True))
+
+
+def test_image_member_is_decoded_only_as_the_format_its_name_says():
+    import io
+
+    from xmdist.data.decode import DECODE_ERRORS, decode_pixels
+
+    png, jpg = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(png, format="PNG")
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(jpg, format="JPEG")
+    assert decode_pixels({"__key__": "a", "png": png.getvalue()}).shape == (8, 8, 3)
+    for key, data in (("jpg", png.getvalue()), ("png", jpg.getvalue())):  # refused, not decoded
+        with pytest.raises(DECODE_ERRORS):  # so the stream skips and counts the sample
+            decode_pixels({"__key__": "a", key: data})
+
+
+def test_jpeg_scaled_decoding_matches_pil_draft_and_keeps_cmyk():
+    """libjpeg-turbo through simplejpeg at the scale PIL's draft mode picks; CMYK via PIL."""
+    import io
+
+    from xmdist.data.decode import decode_pixels
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:300, 0:500]
+    pixels = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
+    pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    for min_size, shape in ((0, (300, 500)), (100, (150, 250)), (70, (75, 125)), (30, (38, 63)), (160, (300, 500))):
+        got = decode_pixels({"jpg": data}, min_size)
+        assert got.shape == (*shape, 3)
+        img = Image.open(io.BytesIO(data))
+        if min_size:
+            img.draft("RGB", (min_size, min_size))
+        assert np.abs(got.astype(int) - np.asarray(img.convert("RGB")).astype(int)).mean() < 1
+    cmyk = io.BytesIO()
+    Image.fromarray(pixels).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    got = decode_pixels({"jpg": cmyk.getvalue()}, 100)
+    assert got.shape == (150, 250, 3) and np.abs(got.astype(int) - pixels[::2, ::2].astype(int)).mean() < 20

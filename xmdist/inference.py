@@ -22,13 +22,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
 from xmdist.checkpoint import load_file
 from xmdist.config import Config, load_config
-from xmdist.data.decode import SampleDecoder, decode_image, decode_meta
+from xmdist.data.decode import SampleDecoder, decode_meta, decode_rgb, hwc_to_tensor
 from xmdist.data.info import Split
 from xmdist.data.vocab import Vocab, pad_captions, tokenize
 from xmdist.dist import DistEnv
@@ -151,16 +152,16 @@ def image_tensor(loaded: Loaded, image: str | Path | Image.Image) -> torch.Tenso
     """An image file (or PIL image) -> uint8 (3, crop, crop) with the run's evaluation transform."""
     dec, draft = loaded.decoder, loaded.config.data.jpeg_draft
     if isinstance(image, Image.Image):
-        pil = image.convert("RGB")
+        pixels = hwc_to_tensor(np.asarray(image.convert("RGB")))
     else:
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image {path} does not exist")
         try:  # the same decoding as evaluation (JPEG draft mode at eval_resize)
-            pil = decode_image({"__key__": str(path), "jpg": path.read_bytes()}, dec.eval_resize if draft else 0)
+            pixels = decode_rgb({"__key__": str(path), "jpg": path.read_bytes()}, dec.eval_resize if draft else 0)
         except OSError as e:
             raise RunError(f"cannot read image {path}: {e}") from None
-    return dec.eval_tf(pil)
+    return dec.eval_image(pixels)
 
 
 def caption_tokens(loaded: Loaded, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +222,7 @@ def read_split_images(split: Split, ids: Iterable[int], loaded: Loaded) -> dict[
     for sample in iter_raw_samples(list(split.paths)):
         sid = int(decode_meta(sample)["id"])
         if sid in want:
-            out[sid] = dec.eval_tf(decode_image(sample, dec.eval_resize if dec.draft else 0))
+            out[sid] = dec.eval_image(decode_rgb(sample, dec.eval_resize if dec.draft else 0))
             if len(out) == len(want):
                 break
     return out

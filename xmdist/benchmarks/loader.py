@@ -88,9 +88,12 @@ class PerFileDataset(Dataset):
         return image, self.vocab.encode(item["caption"]), i
 
 
-def samples_per_s(loader, batches: int, finish=None) -> float:
+def samples_per_s(loader, batches: int, finish=None, warmup: int = 16) -> float:
+    """Steady-state samples/s over ``batches`` batches, after ``warmup`` untimed ones (worker
+    start-up, the first fill of a shuffle buffer: once per epoch, not throughput)."""
     it = iter(loader)
-    next(it)  # worker start-up is not throughput
+    for _ in range(warmup):
+        next(it)
     t0, n = time.perf_counter(), 0
     for batch in itertools.islice(it, batches):
         if finish:
@@ -108,7 +111,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--workers", type=int, default=2, help="loader worker processes")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
+    p.add_argument("--batches", type=int, default=60, help="timed batches per measurement")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measurements of each loader, alternating; the median is reported")
     p.add_argument("--sizes", default="64,224,384", help="output crop sizes")
 
 
@@ -125,13 +130,17 @@ def run(args: argparse.Namespace) -> dict:
         workers = worker_count(split, 1, args.workers)
         plan = StreamPlan(split, 0, 1, steps, seed=0)
         stream = TrainStream(plan, decoder, args.batch_size, 1000, "random", 1)
-        shard_sps = samples_per_s(make_loader(stream, workers, False), args.batches)
         baseline = DataLoader(PerFileDataset(root, vocab, size), batch_size=args.batch_size, shuffle=True,
                               num_workers=args.workers, collate_fn=decoder.collate, prefetch_factor=4)
-        file_sps = samples_per_s(baseline, args.batches)
+        shard_runs, file_runs = [], []
+        for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits both
+            shard_runs.append(samples_per_s(make_loader(stream, workers, False), args.batches))
+            file_runs.append(samples_per_s(baseline, args.batches))
+        shard_sps, file_sps = float(np.median(shard_runs)), float(np.median(file_runs))
         row = {"xmdist_samples_per_s": shard_sps, "per_file_pil_samples_per_s": file_sps,
                "speedup": shard_sps / file_sps, "xmdist_per_worker": shard_sps / args.workers,
-               "per_file_per_worker": file_sps / args.workers}
+               "per_file_per_worker": file_sps / args.workers,
+               "xmdist_runs": shard_runs, "per_file_runs": file_runs}
         if torch.cuda.is_available():
             gpu = SampleDecoder(vocab, size, size, (0.08, 1.0), True, 40, gpu_decode=True)
             stream = TrainStream(plan, gpu, args.batch_size, 1000, "random", 1)

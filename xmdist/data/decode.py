@@ -1,19 +1,26 @@
 """Safe sample decoding and batching.
 
 Only the members xmdist writes are ever decoded (JPEG/PNG images, UTF-8 JSON, pickle-free
-``.npy``); nothing is unpickled. Image augmentation uses ``torchvision.transforms.v2`` with a
-seed derived from the sample key, so a batch is the same whether or not a run was resumed.
+``.npy``); nothing is unpickled. JPEGs are decoded by libjpeg-turbo (simplejpeg, at reduced
+scale when the output size allows), PNGs by PIL; crops, flips and resizes work on uint8 arrays
+and tensors (``torchvision.transforms.v2.functional``: its vectorised uint8 resize). The random
+crop and flip are drawn from a seed derived from the sample key, so a batch is the same whether
+or not a run was resumed.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
+import random
 import warnings
 import zlib
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from xmdist.data.vocab import Vocab, pad_captions
@@ -43,24 +50,111 @@ def npy_holds_objects(data: bytes) -> bool:
     return bool(dtype.hasobject)
 
 
-def decode_image(sample: dict, min_size: int = 0) -> Image.Image:
-    """The sample's image as an RGB PIL image.
+def _jpeg_scale(height: int, width: int, min_size: int) -> int:
+    """The DCT scaling denominator (8, 4, 2 or 1) that keeps both sides >= ``min_size``."""
+    if not min_size:
+        return 1
+    return next(s for s in (8, 4, 2, 1) if s == 1 or min(height // s, width // s) >= min_size)
 
-    JPEGs much larger than ``min_size`` are decoded at a reduced scale (PIL draft mode: the
-    decoder skips DCT coefficients), never below ``min_size`` on the shorter side.
+
+def _decode_pil(data: bytes, fmt: str, min_size: int) -> np.ndarray:
+    img = Image.open(io.BytesIO(data), formats=[fmt])
+    if min_size and fmt == "JPEG":
+        img.draft("RGB", (min_size, min_size))
+    img.load()  # a damaged image fails here, inside the caller's error handling
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def decode_pixels(sample: dict, min_size: int = 0) -> np.ndarray:
+    """The sample's image as a uint8 RGB array (H, W, 3).
+
+    A member is decoded only as the format its name says. JPEGs much larger than ``min_size``
+    are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling: the decoder skips coefficients), never
+    below ``min_size`` on either side; ``min_size=0`` decodes at full size. JPEGs go through
+    libjpeg-turbo directly (simplejpeg); the few it cannot turn into RGB (CMYK, YCCK) and PNGs
+    through PIL, with the same scaling.
     """
     for key in IMAGE_KEYS:
-        if key in sample:
-            img = Image.open(io.BytesIO(sample[key]))
-            if min_size and img.format == "JPEG":
-                img.draft("RGB", (min_size, min_size))
-            return img.convert("RGB")
+        if key not in sample:
+            continue
+        data = sample[key]
+        if key == "png":
+            return _decode_pil(data, "PNG", 0)
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            s = _jpeg_scale(height, width, min_size)
+            return simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // s), min_width=-(-width // s))
+        except ValueError:  # CMYK/YCCK, which PIL converts, or damaged data, which PIL names
+            return _decode_pil(data, "JPEG", min_size)
     raise KeyError(f"sample {sample.get('__key__')} has no image member ({'/'.join(IMAGE_KEYS)})")
 
 
 def decode_rgb(sample: dict, min_size: int = 0) -> torch.Tensor:
-    """The sample's image as a uint8 tensor (3, H, W) (see :func:`decode_image`)."""
-    return v2.functional.pil_to_tensor(decode_image(sample, min_size))
+    """The sample's image as a uint8 tensor (3, H, W), channels-last in memory (see
+    :func:`decode_pixels`)."""
+    return hwc_to_tensor(decode_pixels(sample, min_size))
+
+
+def hwc_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A uint8 (H, W, 3) array -> (3, H, W) tensor, channels-last in memory; copied only when
+    torch cannot share it (a strided view, or read-only as PIL's arrays are)."""
+    if not (pixels.flags.c_contiguous and pixels.flags.writeable):
+        pixels = pixels.copy()
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def resize_center_crop(image: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """The evaluation transform: shorter side to ``resize`` (antialiased bilinear), centre ``crop``."""
+    image = v2.functional.resize(image, [resize], antialias=True)
+    return v2.functional.center_crop(image, [crop, crop]).contiguous()
+
+
+class RandomCropFlip:
+    """Random resized crop and horizontal flip of an image, drawn from a seed.
+
+    The crop is sampled as in the Inception/torchvision ``RandomResizedCrop``: an area fraction
+    uniform in ``scale`` and an aspect ratio log-uniform in ``ratio``, up to 10 tries, else the
+    largest centred crop within ``ratio``. Parameters come from ``random.Random(seed)`` (no
+    global generator), so the same seed gives the same crop on any device.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True):
+        self.size, self.scale, self.hflip = size, tuple(scale), hflip
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def params(self, height: int, width: int, seed: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, crop height, crop width, flip) for an image of this size."""
+        rng, area = random.Random(seed), height * width
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*self.log_ratio))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+                break
+        else:
+            lo, hi = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+            if width / height < lo:
+                w, h = width, round(width / lo)
+            elif width / height > hi:
+                w, h = round(height * hi), height
+            else:
+                w, h = width, height
+            top, left = (height - h) // 2, (width - w) // 2
+        return top, left, h, w, self.hflip and rng.random() < 0.5
+
+    def __call__(self, image: np.ndarray | torch.Tensor, seed: int) -> torch.Tensor:
+        """A uint8 (H, W, 3) array from the CPU decoder (cropped and flipped before it becomes a
+        tensor: less to copy) or a uint8 (3, H, W) tensor on any device -> uint8 (3, size, size)."""
+        if isinstance(image, np.ndarray):  # flipped before resizing: the same result, cheaper
+            top, left, h, w, flip = self.params(image.shape[0], image.shape[1], seed)
+            crop = image[top:top + h, left:left + w]
+            crop = hwc_to_tensor(crop[:, ::-1] if flip else crop)
+            return v2.functional.resize(crop, [self.size, self.size], antialias=True)
+        top, left, h, w, flip = self.params(image.shape[-2], image.shape[-1], seed)
+        out = v2.functional.resize(image[..., top:top + h, left:left + w], [self.size, self.size], antialias=True)
+        return out.flip(-1) if flip else out
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -86,10 +180,11 @@ class SampleDecoder:
         self.crop_size, self.eval_resize = crop_size, eval_resize
         # Batches stay uint8 (4x less to move between processes and to the GPU); the image
         # encoder normalises on its device (normalize_images).
-        flip = [v2.RandomHorizontalFlip()] if hflip else []
-        self.augment = v2.Compose([v2.RandomResizedCrop(crop_size, scale=tuple(crop_scale), antialias=True), *flip])
-        self.eval_tf = v2.Compose([v2.Resize(eval_resize, antialias=True), v2.CenterCrop(crop_size),
-                                   v2.PILToTensor()])
+        self.augment = RandomCropFlip(crop_size, crop_scale, hflip=hflip)
+
+    def eval_image(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) -> the evaluation view (3, crop, crop): resize and centre crop."""
+        return resize_center_crop(image, self.eval_resize, self.crop_size)
 
     def _seed(self, sample: dict, caption: int, salt: tuple) -> int:
         """Augmentation seed of one (epoch, sample, caption): the same in every run."""
@@ -108,9 +203,8 @@ class SampleDecoder:
                 raise ValueError("data.gpu_decode reads JPEG members only")
             data = sample.get("jpg", sample.get("jpeg"))
             return (torch.frombuffer(bytearray(data), dtype=torch.uint8), seed), tokens, int(meta["id"])
-        torch.default_generator.manual_seed(seed)  # v2 transforms draw from the CPU generator
-        image = self.augment(decode_image(sample, self.crop_size if self.draft else 0))
-        return v2.functional.pil_to_tensor(image), tokens, int(meta["id"])
+        image = decode_pixels(sample, self.crop_size if self.draft else 0)
+        return self.augment(image, seed), tokens, int(meta["id"])
 
     def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
         images, captions, ids = zip(*items)
@@ -120,7 +214,9 @@ class SampleDecoder:
             batch["jpeg"] = [data for data, _ in images]
             batch["seeds"] = torch.tensor([seed for _, seed in images], dtype=torch.long)
         else:
-            batch["images"] = torch.stack(images)
+            # channels-last (B, 3, H, W): the items are HWC in memory, so stacking is a plain copy
+            # (in a worker, straight into shared memory); the GPU's convolutions prefer it too
+            batch["images"] = default_collate([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
         return batch
 
     def decode_on_device(self, batch: dict, device: torch.device) -> dict:
@@ -130,12 +226,8 @@ class SampleDecoder:
             from torchvision.io import ImageReadMode, decode_jpeg
 
             images = decode_jpeg(batch.pop("jpeg"), mode=ImageReadMode.RGB, device=device)
-        out = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for image, seed in zip(images, batch.pop("seeds").tolist()):
-                torch.default_generator.manual_seed(seed)
-                out.append(self.augment(image))
-        batch["images"] = torch.stack(out)
+        seeds = batch.pop("seeds").tolist()
+        batch["images"] = torch.stack([self.augment(image, seed) for image, seed in zip(images, seeds)])
         return batch
 
     def eval_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -143,7 +235,7 @@ class SampleDecoder:
         images, captions, ids = [], [], []
         for sample in samples:
             meta = decode_meta(sample)
-            images.append(self.eval_tf(decode_image(sample, self.eval_resize if self.draft else 0)))
+            images.append(self.eval_image(decode_rgb(sample, self.eval_resize if self.draft else 0)))
             captions += [self.vocab.encode(c, self.max_words) for c in meta["captions"]]
             ids.append(int(meta["id"]))
         tokens, lengths = pad_captions(captions)
@@ -167,16 +259,14 @@ class FeatureDecoder:
         self.num_labels = len(labels) if labels is not None else num_labels  # after the selection
         # image_size > 0: the sample's image (resized, centre crop, uint8) instead of features,
         # for a model that fine-tunes its CNN end to end
-        self.image_tf = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-                                    v2.PILToTensor()]) if image_size else None
 
     def item(self, sample: dict) -> tuple:
         tags = decode_npy(sample["tags.npy"]).astype(np.float32).reshape(-1)
         labels = decode_npy(sample["labels.npy"]).astype(np.uint8).reshape(-1)
         if tags.shape[0] != self.text_dim:
             raise ValueError(f"tags.npy has {tags.shape[0]} values; expected {self.text_dim}")
-        if self.image_tf is not None:
-            image = self.image_tf(decode_image(sample, self.image_size))
+        if self.image_size:
+            image = resize_center_crop(decode_rgb(sample, self.image_size), self.image_size, self.image_size)
         else:
             feat = decode_npy(sample[self.feature]).astype(np.float32).reshape(-1)
             if feat.shape[0] != self.image_dim:
@@ -193,7 +283,7 @@ class FeatureDecoder:
 
     def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
         feats, tags, labels, ids = zip(*items)
-        return {"images" if self.image_tf else "features": torch.stack(feats), "tags": torch.stack(tags),
+        return {"images" if self.image_size else "features": default_collate(feats), "tags": torch.stack(tags),
                 "labels": torch.stack(labels),
                 "image_ids": torch.tensor(ids, dtype=torch.long)}
 
