@@ -1,6 +1,7 @@
 """What every launcher in ``launch/`` shares: expected errors become a message and exit status 2."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Callable
@@ -22,4 +23,8 @@ def run_launcher(body: Callable[[], int], errors: tuple[type[Exception], ...]) -
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        # Free what the run built (a DDP model holds the process group, often through reference
+        # cycles) while the interpreter is whole: a gloo group torn down during interpreter exit
+        # can abort the process (SIGABRT) after a successful run.
+        gc.collect()
         destroy_distributed()
