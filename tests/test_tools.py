@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -104,7 +105,18 @@ def test_search_cli(run, indexes, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "-> captions" in out and out.count(" id ") == 5
     assert search_cli.main(["--run", str(run), "--index", str(img), "--image", str(path), "-k", "1"]) == 0
-    assert "nearest images" in capsys.readouterr().out
+    jpeg_out = capsys.readouterr().out
+    assert "nearest images" in jpeg_out
+    # the same image as a PNG: query images may be in any format PIL reads
+    png = tmp_path / "query.png"
+    Image.open(path).save(png)
+    assert search_cli.main(["--run", str(run), "--index", str(img), "--image", str(png), "-k", "1"]) == 0
+    png_out = capsys.readouterr().out
+    assert png_out.split(" id ")[1] == jpeg_out.split(" id ")[1]  # the same nearest image
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    assert search_cli.main(["--run", str(run), "--index", str(img), "--image", str(bad)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
     # A codes index (sign bits of the same embeddings): Hamming and asymmetric search.
     codes = tmp_path / "codes"
     save_index(codes, index.ids, index.data.astype(np.float32), index.captions, "codes",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import re
 from dataclasses import dataclass
@@ -152,15 +153,19 @@ def image_tensor(loaded: Loaded, image: str | Path | Image.Image) -> torch.Tenso
     """An image file (or PIL image) -> uint8 (3, crop, crop) with the run's evaluation transform."""
     dec, draft = loaded.decoder, loaded.config.data.jpeg_draft
     if isinstance(image, Image.Image):
-        pixels = hwc_to_tensor(np.asarray(image.convert("RGB")))
-    else:
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        try:  # the same decoding as evaluation (JPEG draft mode at eval_resize)
-            pixels = decode_rgb({"__key__": str(path), "jpg": path.read_bytes()}, dec.eval_resize if draft else 0)
-        except OSError as e:
-            raise RunError(f"cannot read image {path}: {e}") from None
+        return dec.eval_image(hwc_to_tensor(np.asarray(image.convert("RGB"))))
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    data = path.read_bytes()
+    try:
+        if data.startswith(b"\xff\xd8"):  # a JPEG: decoded as evaluation decodes (reduced scale)
+            pixels = decode_rgb({"__key__": str(path), "jpg": data}, dec.eval_resize if draft else 0)
+        else:  # a query image may be in any format PIL reads
+            with Image.open(io.BytesIO(data)) as img:
+                pixels = hwc_to_tensor(np.asarray(img.convert("RGB")))
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read image {path}: {e}") from None
     return dec.eval_image(pixels)
 
 

@@ -3,7 +3,7 @@
 Both produce the same training batches (RandomResizedCrop to the output size, normalisation,
 tokenised captions) with the same number of worker processes. The per-file baseline opens each
 JPEG with PIL and decodes it at full size, as VSE++'s data loader does; xmdist reads tar shards
-sequentially and decodes JPEGs at reduced scale when the output size allows (PIL draft mode).
+sequentially and decodes JPEGs with libjpeg-turbo at reduced scale when the output size allows.
 With a GPU, the nvJPEG path (``data.gpu_decode``) is measured too.
 """
 from __future__ import annotations
