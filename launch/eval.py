@@ -190,7 +190,7 @@ def log_hashing_tensorboard(tb_dir: str, loaded, split, metrics: dict, codes: di
                                                        max(c["i2t"]["k"]), log_x=True), step, dataformats="HWC")
     for modality in ("image", "text"):
         writer.add_histogram(f"codes/bit_balance_{modality}", bit_balance(codes["db"][modality]), step)
-    for j, (direction, q_mod, db_mod) in enumerate((("i2t", "image", "text"), ("t2i", "text", "image"))):
+    for direction, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
         writer.add_text(f"examples/{direction}", hashing_examples(codes, q_mod, db_mod, label_names, examples), step)
     writer.close()
 

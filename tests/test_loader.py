@@ -1,6 +1,7 @@
 """Training and evaluation streams: equal steps per rank, exact resume position, shard checks."""
 from __future__ import annotations
 
+import io
 import itertools
 import shutil
 
@@ -129,7 +130,6 @@ def test_corrupt_sample_is_skipped_not_fatal(tiny_shards, tmp_path, caplog):
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w") as tar:
-        import io
         for m, data in members:
             if m.name.endswith(".jpg") and m.name.startswith(members[0][0].name.split(".")[0]):
                 data = b"not a jpeg"
@@ -154,7 +154,6 @@ def test_eval_stream_covers_split_once(tiny_shards, world):
 
 def _rewrite_tar(path, edit):
     """Rewrite a shard, passing each (name, bytes) member through ``edit`` (None drops it)."""
-    import io
     import tarfile
 
     with tarfile.open(path) as tar:
@@ -200,10 +199,6 @@ def test_member_needing_unpickling_is_refused(tiny_shards, tmp_path, caplog):
 
 
 def test_pickled_npy_is_rejected():
-    import io
-
-    import numpy as np
-
     from xmdist.data.decode import decode_npy
 
     buf = io.BytesIO()
@@ -298,8 +293,6 @@ def test_random_crop_flip_is_the_same_on_arrays_and_tensors():
 
 
 def test_image_member_is_decoded_only_as_the_format_its_name_says():
-    import io
-
     from xmdist.data.decode import DECODE_ERRORS, decode_pixels
 
     png, jpg = io.BytesIO(), io.BytesIO()
@@ -313,8 +306,6 @@ def test_image_member_is_decoded_only_as_the_format_its_name_says():
 
 def test_jpeg_scaled_decoding_matches_pil_draft_and_keeps_cmyk():
     """libjpeg-turbo through simplejpeg at the scale PIL's draft mode picks; CMYK via PIL."""
-    import io
-
     from xmdist.data.decode import decode_pixels
 
     rng = np.random.default_rng(0)

@@ -119,8 +119,8 @@ class CheckpointManager:
     def _check_world(self, name: str) -> None:
         """A complete checkpoint holds rank_00000.pt .. rank_{W-1}.pt: one written by another number
         of ranks is refused (not skipped as unreadable, which would start the run over)."""
-        ranks = sorted(int(p.stem.split("_")[1]) for p in (self.dir / name).glob("rank_*.pt")
-                       if p.stem.split("_")[1].isdigit())
+        found = (re.fullmatch(r"rank_(\d+)", p.stem) for p in (self.dir / name).glob("rank_*.pt"))
+        ranks = sorted(int(m.group(1)) for m in found if m)
         if ranks and ranks == list(range(len(ranks))) and len(ranks) != self.env.world_size:
             raise ConfigError(f"checkpoint {name} in {self.dir} was written by {len(ranks)} rank(s), this run has "
                               f"{self.env.world_size}: resume with as many (the global batch and the data order "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import re
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from torch import nn
 
 from xmdist.checkpoint import load_file
 from xmdist.config import Config, load_config
-from xmdist.data.decode import SampleDecoder, decode_meta, decode_rgb, hwc_to_tensor
+from xmdist.data.decode import SampleDecoder, decode_meta, decode_with_pil, hwc_to_tensor
 from xmdist.data.info import Split
 from xmdist.data.vocab import Vocab, pad_captions, tokenize
 from xmdist.dist import DistEnv
@@ -151,7 +150,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
 
 def image_tensor(loaded: Loaded, image: str | Path | Image.Image) -> torch.Tensor:
     """An image file (or PIL image) -> uint8 (3, crop, crop) with the run's evaluation transform."""
-    dec, draft = loaded.decoder, loaded.config.data.jpeg_draft
+    dec = loaded.decoder
     if isinstance(image, Image.Image):
         return dec.eval_image(hwc_to_tensor(np.asarray(image.convert("RGB"))))
     path = Path(image)
@@ -160,13 +159,10 @@ def image_tensor(loaded: Loaded, image: str | Path | Image.Image) -> torch.Tenso
     data = path.read_bytes()
     try:
         if data.startswith(b"\xff\xd8"):  # a JPEG: decoded as evaluation decodes (reduced scale)
-            pixels = decode_rgb({"__key__": str(path), "jpg": data}, dec.eval_resize if draft else 0)
-        else:  # a query image may be in any format PIL reads
-            with Image.open(io.BytesIO(data)) as img:
-                pixels = hwc_to_tensor(np.asarray(img.convert("RGB")))
+            return dec.eval_view({"__key__": str(path), "jpg": data})
+        return dec.eval_image(hwc_to_tensor(decode_with_pil(data)))  # a query may be any format PIL reads
     except (OSError, ValueError) as e:
         raise RunError(f"cannot read image {path}: {e}") from None
-    return dec.eval_image(pixels)
 
 
 def caption_tokens(loaded: Loaded, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +223,7 @@ def read_split_images(split: Split, ids: Iterable[int], loaded: Loaded) -> dict[
     for sample in iter_raw_samples(list(split.paths)):
         sid = int(decode_meta(sample)["id"])
         if sid in want:
-            out[sid] = dec.eval_image(decode_rgb(sample, dec.eval_resize if dec.draft else 0))
+            out[sid] = dec.eval_view(sample)
             if len(out) == len(want):
                 break
     return out

@@ -57,12 +57,14 @@ def _jpeg_scale(height: int, width: int, min_size: int) -> int:
     return next(s for s in (8, 4, 2, 1) if s == 1 or min(height // s, width // s) >= min_size)
 
 
-def _decode_pil(data: bytes, fmt: str, min_size: int) -> np.ndarray:
-    img = Image.open(io.BytesIO(data), formats=[fmt])
-    if min_size and fmt == "JPEG":
-        img.draft("RGB", (min_size, min_size))
-    img.load()  # a damaged image fails here, inside the caller's error handling
-    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+def decode_with_pil(data: bytes, fmt: str | None = None, min_size: int = 0) -> np.ndarray:
+    """Image bytes -> uint8 RGB array (H, W, 3) by PIL: only as format ``fmt`` when given (else
+    any format PIL reads); JPEGs in draft mode down to ``min_size``."""
+    with Image.open(io.BytesIO(data), formats=[fmt] if fmt else None) as img:
+        if min_size and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
+        img.load()  # a damaged image fails here, inside the caller's error handling
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def decode_pixels(sample: dict, min_size: int = 0) -> np.ndarray:
@@ -79,13 +81,13 @@ def decode_pixels(sample: dict, min_size: int = 0) -> np.ndarray:
             continue
         data = sample[key]
         if key == "png":
-            return _decode_pil(data, "PNG", 0)
+            return decode_with_pil(data, "PNG")
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             s = _jpeg_scale(height, width, min_size)
             return simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // s), min_width=-(-width // s))
         except ValueError:  # CMYK/YCCK, which PIL converts, or damaged data, which PIL names
-            return _decode_pil(data, "JPEG", min_size)
+            return decode_with_pil(data, "JPEG", min_size)
     raise KeyError(f"sample {sample.get('__key__')} has no image member ({'/'.join(IMAGE_KEYS)})")
 
 
@@ -186,6 +188,10 @@ class SampleDecoder:
         """uint8 (3, H, W) -> the evaluation view (3, crop, crop): resize and centre crop."""
         return resize_center_crop(image, self.eval_resize, self.crop_size)
 
+    def eval_view(self, sample: dict) -> torch.Tensor:
+        """The sample's image decoded (reduced scale down to ``eval_resize``) and :meth:`eval_image`."""
+        return self.eval_image(decode_rgb(sample, self.eval_resize if self.draft else 0))
+
     def _seed(self, sample: dict, caption: int, salt: tuple) -> int:
         """Augmentation seed of one (epoch, sample, caption): the same in every run."""
         return zlib.crc32(f"{salt}-{sample['__key__']}-{caption}".encode())
@@ -235,7 +241,7 @@ class SampleDecoder:
         images, captions, ids = [], [], []
         for sample in samples:
             meta = decode_meta(sample)
-            images.append(self.eval_image(decode_rgb(sample, self.eval_resize if self.draft else 0)))
+            images.append(self.eval_view(sample))
             captions += [self.vocab.encode(c, self.max_words) for c in meta["captions"]]
             ids.append(int(meta["id"]))
         tokens, lengths = pad_captions(captions)

@@ -28,6 +28,7 @@ class Phase:
     network: str  # stepped after this phase's backward
     loss: Callable  # (nets, batch, out, epoch) -> {"loss": share to optimise, other terms...}
 
+
 class SingleModel:
     """Base of methods that train one network, ``"model"``, with one loss phase ``losses``."""
 
