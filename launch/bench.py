@@ -1,42 +1,10 @@
 """Benchmarks. Each prints one JSON object (rank 0); results go in BENCHMARKS.md with the machine named.
 
-    # training step: loader samples/s, training samples/s, and the split of a step into model
-    # forward, gather + loss (forward and backward down to the embeddings, all-gather gradient
-    # included) and model backward + optimizer step
-    torchrun --standalone --nproc_per_node=2 launch/bench.py train --config configs/demo_vsepp_synthetic.yaml
-    # loader: xmdist's shard stream against a per-file PIL Dataset on the same JPEGs
-    python launch/bench.py loader --data /tmp/xm_loader_bench --num 20000 --workers 2
-    python launch/bench.py metrics --queries 2100 --db 193734 --bits 64 --labels 21 --loop-queries 200
+The command lives in ``xmdist.cli.bench``; ``--help`` lists its options.
 """
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from xmdist.benchmarks import graph, loader, metrics, train  # noqa: E402
-
-BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics, "graph": graph}
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="bench", required=True)
-    for name, module in BENCHMARKS.items():
-        sp = sub.add_parser(name, help=module.__doc__.splitlines()[0])
-        module.add_args(sp)
-        sp.add_argument("--json", help="also write the result to this file")
-    args = p.parse_args(argv)
-    result = BENCHMARKS[args.bench].run(args)
-    if result is not None:
-        print(json.dumps(result, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
+from xmdist.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

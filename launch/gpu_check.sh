@@ -4,6 +4,7 @@
 #   bash launch/gpu_check.sh OUT_DIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # xmdist from this tree, installed or not
 out=${1:-/tmp/gpu_check}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"

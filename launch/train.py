@@ -1,81 +1,10 @@
 """Train a retrieval model.
 
-    # one process
-    python launch/train.py --config configs/demo_vsepp_synthetic.yaml --out runs/demo
-    # 8 GPUs on one node (CPU: gloo, GPU: nccl)
-    torchrun --nproc_per_node=8 launch/train.py --config configs/vsepp_coco.yaml --out runs/coco
-    # overrides and resume
-    torchrun ... launch/train.py --config ... --out runs/coco --set optim.lr=1e-4 --resume auto
-
-SIGTERM, SIGINT and SIGUSR1 (SLURM's pre-emption warning) stop every rank after the current step
-with a checkpoint; rerunning the same command resumes there.
-
-Exit codes: 0 done, 2 bad configuration or input (the message names the key or file), 3 no
-progress for train.watchdog_s (every thread's stack is printed), 4 diverged (train.max_nonfinite
-non-finite steps in a row), 128 + N stopped by signal N after checkpointing, 1 other errors.
+The command lives in ``xmdist.cli.train``; ``--help`` lists its options.
 """
-from __future__ import annotations
-
-import argparse
-import logging
-import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from xmdist.config import ConfigError, load_config  # noqa: E402
-from xmdist.data.info import ShardError  # noqa: E402
-from xmdist.cli import run_launcher  # noqa: E402
-from xmdist.dist import DistEnv, init_distributed  # noqa: E402
-from xmdist.logger import setup_console  # noqa: E402
-
-log = logging.getLogger("xmdist.train")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults apply where it is silent")
-    p.add_argument("--out", required=True, help="run directory: config, vocab, checkpoints, tb/, eval.json")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", default="auto",
-                   help="auto: continue from the newest valid checkpoint in --out if any; none: start "
-                        "fresh; step_XXXXXXXX: that checkpoint")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-
-    def body() -> int:
-        cfg = load_config(args.config, args.overrides)  # every rank validates before any work
-        if args.print_config:
-            import yaml
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            return 0
-        env = DistEnv.from_environ(device=cfg.train.device)
-        setup_console(env)
-        init_distributed(env, cfg.train.dist_timeout_s)
-        from xmdist.trainer import NonFiniteError, Stopped, Trainer
-
-        trainer = Trainer(cfg, env, args.out, args.resume)
-        try:
-            trainer.fit()
-        except Stopped as stop:
-            log.warning("stopped by %s at step %d; the checkpoint is in %s: rerun the same command to resume",
-                        signal.Signals(stop.signum).name, stop.step, args.out)
-            return stop.code
-        except NonFiniteError as e:
-            log.error("%s", e)
-            return 4
-        finally:
-            trainer.close()
-        return 0
-
-    return run_launcher(body, (ConfigError, ShardError, FileNotFoundError))
-
+from xmdist.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

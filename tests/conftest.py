@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
 
 
 def make_synthetic(out: Path, num: int = 360, val: int = 40, test: int = 40, per_shard: int = 40,
                    size: int = 32, seed: int = 0) -> Path:
-    import make_shards
+    from xmdist.cli import make_shards
 
     args = ["synthetic", "--out", str(out), "--num", str(num), "--val", str(val), "--test", str(test),
             "--samples-per-shard", str(per_shard), "--image-size", str(size), "--seed", str(seed)]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import ROOT
-from xmdist.config import ConfigError, build_config, load_config, save_config
+from xmdist.config import ConfigError, save_config
+from xmdist.methods import build_config, load_config
 
 
 def test_yaml_and_overrides_resolve_in_order(tmp_path):

@@ -8,7 +8,7 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-import make_shards  # launch/ is on sys.path (conftest)
+from xmdist.cli import make_shards
 import numpy as np
 import pytest
 from PIL import Image

@@ -9,7 +9,7 @@ from xmdist.data.decode import SampleDecoder
 from xmdist.data.info import ShardSet
 from xmdist.data.loader import build_vocab
 from xmdist.dist import DistEnv
-from xmdist.evaluate import encode_split, evaluate
+from xmdist.eval.common import encode_split, evaluate
 from xmdist.models.vse import VSEModel
 
 

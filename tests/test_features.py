@@ -19,9 +19,9 @@ from xmdist.data.decode import decode_meta
 from xmdist.data.info import ShardSet
 from xmdist.data.loader import iter_raw_samples
 from xmdist.dist import DistEnv
-from xmdist.features import FeatureError, build_extractor, describe_weights, feature_shape
+from xmdist.models.backbones import FeatureError, build_extractor, describe_weights, feature_shape
 
-import extract_features  # launch/, on sys.path via conftest
+from xmdist.cli import extract_features
 
 CHEAP = ["--backbone", "resnet18", "--layer", "pool", "--weights", "random", "--image-size", "32",
          "--resize", "32", "--batch-size", "8", "--num-workers", "0", "--dtype", "float32"]

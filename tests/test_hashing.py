@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import extract_features  # launch/, on sys.path via conftest
+from xmdist.cli import extract_features
 from test_smoke import final_model
 from test_tools import launch
 from test_smoke import train as _train

@@ -193,7 +193,8 @@ def _worker(rank, world, out_path):
     for name in ("djsrh", "sgrn"):
         hi_l, ht_l = hi[sl].clone().requires_grad_(), ht[sl].clone().requires_grad_()
         dj, sg = _losses(hi_l, ht_l, lambda x: gather(x, grad=True),
-                         lambda: sgrn_graph(fi[sl], ft[sl], gather(fi[sl]), gather(ft[sl]), sl.start, **SGRN),
+                         lambda: sgrn_graph(fi[sl], ft[sl], gather(fi[sl]), gather(ft[sl]), sl.start, **SGRN,
+                                            gather_rows=gather),
                          lambda: djsrh_target(fi[sl], ft[sl], gather(fi[sl]), gather(ft[sl]), **DJSRH))
         terms = dj if name == "djsrh" else sg
         terms["loss"].backward()

@@ -6,7 +6,7 @@ import torch
 
 from conftest import ROOT, run_distributed
 from test_smoke import train
-from xmdist.config import load_config
+from xmdist.methods import load_config
 from xmdist.dist import DistEnv
 
 TINY = ["data.batch_size=8", "data.num_workers=0", "data.crop_size=32", "data.eval_resize=32",
@@ -15,7 +15,7 @@ TINY = ["data.batch_size=8", "data.num_workers=0", "data.crop_size=32", "data.ev
 
 
 def _phase_worker(rank, world, shards, run_dir, out_path):
-    from xmdist.trainer import Trainer
+    from xmdist.train.trainer import Trainer
 
     cfg = load_config(ROOT / "configs/mfsr_synthetic.yaml", [*TINY, f"data.shards={shards}"])
     trainer = Trainer(cfg, DistEnv(), run_dir, resume="none")
@@ -33,7 +33,7 @@ def _phase_worker(rank, world, shards, run_dir, out_path):
             changed.append((name, sorted(k for k in before if not torch.equal(before[k], after[k]))))
             return norm
         net.step = step
-    batch = next(iter(trainer._loader()))
+    batch = next(iter(trainer.loader()))
     batch.pop("skipped")
     trainer.train_step(batch)
     torch.save({"changed": changed}, out_path)

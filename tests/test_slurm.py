@@ -170,7 +170,7 @@ def test_preemption_requeues_and_resumes_exactly(tiny_shards, tmp_path, jobs, st
     for line in ("[rank 0] WARNING xmdist.train: stopped by SIGUSR1 at step 3",
                  "[rank 1] WARNING xmdist.train: stopped by SIGUSR1 at step 3",
                  f"requeueing job {job.id} to resume from {job.out}",
-                 "[rank 0] INFO xmdist.trainer: resumed from step_00000003: step 3",
+                 "[rank 0] INFO xmdist.train.trainer: resumed from step_00000003: step 3",
                  f"[slurm job {job.id}, restart 1]"):
         if line not in text:
             job.fail(f"no line {line!r} in the log")

@@ -1,11 +1,9 @@
 """Synthetic shard generation: determinism, shard format, content sanity and CLI validation."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import re
-import sys
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -14,22 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xmdist.cli import make_shards
 from xmdist.data import synthetic as syn
 from xmdist.data.writer import ShardSetWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--num", "60", "--val", "8", "--test", "7", "--image-size", "32", "--samples-per-shard", "16"]
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "launch" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_shards"] = module  # so worker processes can unpickle what it sends them
-    spec.loader.exec_module(module)
-    return module
-
-
-make_shards = _load_cli()
 
 
 def _make(out: Path, *extra: str) -> Path:

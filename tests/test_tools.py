@@ -1,4 +1,4 @@
-"""Retrieval tools: launch/encode.py, launch/search.py, launch/eval.py, xmdist.index, xmdist.inference.
+"""Retrieval tools: launch/encode.py, launch/search.py, launch/eval.py, xmdist.tools.index, xmdist.tools.runs.
 
 One tiny VSE++ run is trained per module. 40 steps at batch 8 leave train retrieval at chance
 (measured), so the run trains 4 epochs of every caption (172 steps of 32 pairs, about 30 s on 2
@@ -23,11 +23,13 @@ import torch
 from conftest import ROOT
 from test_smoke import train
 
-import search as search_cli  # launch/search.py (conftest puts launch/ on sys.path)
+from xmdist.cli import search as search_cli
 from xmdist.data.info import ShardSet
-from xmdist.index import (IndexFormatError, Index, asymmetric_distances, hamming_distances, load_index, pack_codes,
+from xmdist.tools.index import (IndexFormatError, Index, asymmetric_distances, hamming_distances, load_index, pack_codes,
                           save_index, search, search_rows)
-from xmdist.inference import RunError, encode_captions, load_run, read_split_meta
+from xmdist.data.splits import read_split_meta
+from xmdist.tools.query import encode_captions
+from xmdist.tools.runs import RunError, load_run
 
 RUN = ["data.caption_mode=all", "data.batch_size=32", "data.crop_scale=[1.0,1.0]", "model.embed_dim=256",
        "model.word_dim=128", "loss.max_violation=false", "optim.lr=0.002", "train.epochs=4",

@@ -5,8 +5,10 @@ overrides single values. Resolution order: dataclass defaults -> YAML -> overrid
 key is checked before any work starts: unknown keys, wrong types and impossible values raise
 :class:`ConfigError` naming the key (``optim.lr: expected float, got 'fast'``).
 
-The ``model`` and ``loss`` sections belong to the method: their dataclasses come from the
-method registry (``xmdist.methods``), so ``method: vsepp`` validates against VSE++'s schema.
+The ``model`` and ``loss`` sections belong to the method: the caller passes a ``schema``
+function (``xmdist.methods.get_method``) mapping a method name to its :class:`MethodSchema`,
+so ``method: vsepp`` validates against VSE++'s dataclasses. This module imports nothing from
+xmdist: ``xmdist.methods.load_config`` is the one-argument form everything else uses.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import yaml
 
@@ -158,9 +160,9 @@ class Config:
     loss: Any = None  # the method's loss dataclass
 
     def validate(self) -> None:
+        """Every section's own checks: each section dataclass, a method's too, has ``validate()``."""
         for section in (self.data, self.optim, self.train, self.eval, self.model, self.loss):
-            if hasattr(section, "validate"):
-                section.validate()
+            section.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,23 +259,33 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def build_config(raw: dict, overrides: list[str] = ()) -> Config:
-    """Resolve a config tree (from YAML) plus ``--set`` overrides into a validated Config."""
-    from xmdist.methods import get_method  # late: methods import the config types
+class MethodSchema(Protocol):
+    """What config resolution needs of a method: its section dataclasses and a cross-section check."""
+    model_config: type
+    loss_config: type
 
+    def validate_config(self, cfg: "Config") -> None: ...
+
+
+def build_config(raw: dict, overrides: list[str] = (), schema: Callable[[str], MethodSchema] = None) -> Config:
+    """Resolve a config tree (from YAML) plus ``--set`` overrides into a validated Config.
+
+    ``schema(name)`` gives the method's section types (raising ConfigError for an unknown name).
+    """
+    if schema is None:
+        raise TypeError("build_config needs the method schema lookup (use xmdist.methods.build_config)")
     raw = dict(raw or {})
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
     method_name = raw.get("method", Config.method)
     check(isinstance(method_name, str), "method", f"expected str, got {method_name!r}")
-    method = get_method(method_name)  # raises ConfigError naming the known methods
+    method = schema(method_name)
     model_raw, loss_raw = raw.pop("model", None) or {}, raw.pop("loss", None) or {}
     cfg = from_dict(Config, raw)
     cfg.model = _coerce(model_raw, method.model_config, "model")
     cfg.loss = _coerce(loss_raw, method.loss_config, "loss")
     cfg.validate()
-    if hasattr(method, "validate_config"):
-        method.validate_config(cfg)
+    method.validate_config(cfg)
     return cfg
 
 
@@ -307,9 +319,10 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), raw)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = (),
+                schema: Callable[[str], MethodSchema] = None) -> Config:
     """Load ``path`` (YAML, optional) and apply overrides; errors name the file and key."""
-    return build_config(read_yaml(path) if path is not None else {}, overrides)
+    return build_config(read_yaml(path) if path is not None else {}, overrides, schema)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

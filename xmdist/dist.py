@@ -181,17 +181,28 @@ def broadcast_object(obj, src: int = 0):
 
 
 def on_main(fn, env: DistEnv):
-    """Run ``fn()`` on rank 0 only; an exception there is raised on every rank (same type and
-    message), so the other ranks never wait in a collective for a rank that has failed."""
-    error = None
+    """Run ``fn()`` on rank 0 only and return its result on every rank (a small object: metrics,
+    a flag, None). An exception there is raised on every rank (same type and message), so the
+    other ranks never wait in a collective for a rank that has failed."""
+    error, result = None, None
     if env.is_main:
         try:
-            fn()
+            result = fn()
         except Exception as e:  # re-raised below, on every rank
-            error = e
-    error = broadcast_object(None if error is None else (type(error), str(error)))
+            error = (type(e), str(e))
+    error, result = broadcast_object((error, result))
     if error is not None:
         raise error[0](error[1])
+    return result
+
+
+def gather_objects(obj) -> list:
+    """Every rank's small Python object, in rank order (shapes, counts)."""
+    if _world() == 1:
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

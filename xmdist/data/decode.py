@@ -172,6 +172,11 @@ def decode_meta(sample: dict) -> dict:
     return json.loads(sample["json"].decode("utf-8"))
 
 
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of a batch on ``device`` (asynchronously from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class SampleDecoder:
     """Turns raw samples into training batches (one caption each) or evaluation batches (all)."""
 
@@ -225,6 +230,12 @@ class SampleDecoder:
             batch["images"] = default_collate([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
         return batch
 
+    def to_device(self, batch: dict, device: torch.device) -> dict:
+        """A collated batch on ``device``; ``gpu_decode`` batches are decoded and augmented there."""
+        if "jpeg" in batch:
+            batch = self.decode_on_device(batch, device)
+        return batch_to_device(batch, device)
+
     def decode_on_device(self, batch: dict, device: torch.device) -> dict:
         """Finish a ``gpu_decode`` batch: nvJPEG decode and the same seeded augmentation on ``device``."""
         with warnings.catch_warnings():
@@ -254,13 +265,16 @@ class FeatureDecoder:
 
     ``feature`` is the member holding the image features (``fc7.npy`` in a set written by
     ``launch/extract_features.py --layer fc7``); ``labels`` selects label columns (the relevance
-    used by evaluation: two items are relevant when they share a selected label). Shapes are
-    checked against the first sample's so one odd sample is skipped, not stacked.
+    used by evaluation: two items are relevant when they share a selected label). Features keep
+    their array shape (``image_shape``: ``(4096,)`` for fc7, ``(49, 512)`` regions for pool5 at
+    224 px); sizes are checked against the first sample's so one odd sample is skipped, not
+    stacked.
     """
 
-    def __init__(self, feature: str, image_dim: int, text_dim: int, num_labels: int,
+    def __init__(self, feature: str, image_shape: tuple[int, ...], text_dim: int, num_labels: int,
                  labels: list[int] | None = None, image_size: int = 0):
-        self.feature, self.image_dim, self.text_dim = feature, image_dim, text_dim
+        self.feature, self.image_shape, self.text_dim = feature, tuple(image_shape), text_dim
+        self.image_dim = math.prod(self.image_shape)
         self.labels, self.image_size = labels, image_size
         self.num_labels = len(labels) if labels is not None else num_labels  # after the selection
         # image_size > 0: the sample's image (resized, centre crop, uint8) instead of features,
@@ -274,9 +288,10 @@ class FeatureDecoder:
         if self.image_size:
             image = resize_center_crop(decode_rgb(sample, self.image_size), self.image_size, self.image_size)
         else:
-            feat = decode_npy(sample[self.feature]).astype(np.float32).reshape(-1)
-            if feat.shape[0] != self.image_dim:
-                raise ValueError(f"{self.feature} has {feat.shape[0]} values; expected {self.image_dim}")
+            feat = decode_npy(sample[self.feature]).astype(np.float32)
+            if feat.size != self.image_dim:
+                raise ValueError(f"{self.feature} has {feat.size} values; expected {self.image_dim}")
+            feat = feat.reshape(self.image_shape)
             if not np.isfinite(feat).all():
                 raise ValueError(f"{self.feature} holds non-finite values")
             image = torch.from_numpy(feat)
@@ -295,3 +310,6 @@ class FeatureDecoder:
 
     def eval_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         return self.collate([self.item(s) for s in samples])
+
+    def to_device(self, batch: dict, device: torch.device) -> dict:
+        return batch_to_device(batch, device)

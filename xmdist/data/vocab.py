@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from xmdist.io import write_json_atomic
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -47,10 +48,7 @@ class Vocab:
         return " ".join(self.words[i] for i in ids if i not in skip)
 
     def save(self, path: str | Path) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"words": self.words}, f)
-        os.replace(tmp, path)
+        write_json_atomic(path, {"words": self.words}, indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
+from xmdist.io import write_json_atomic
+
 FORMAT_NAME = "xmdist-shards"
 FORMAT_VERSION = 1
 INFO_NAME = "_info.json"
@@ -168,9 +170,7 @@ class ShardSetWriter:
         info["members"] = list(self.members)
         info["splits"] = {s: {"num_samples": sum(x["num_samples"] for x in shards), "shards": shards}
                           for s, shards in self.shards.items()}
-        tmp = self.out_dir / (INFO_NAME + ".tmp")
-        tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out_dir / INFO_NAME)
+        write_json_atomic(self.out_dir / INFO_NAME, info, indent=1)
         return info
 
     def abort(self) -> None:

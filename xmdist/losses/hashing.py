@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from xmdist.dist import gather
 
 Tensor = torch.Tensor
 
@@ -206,7 +205,7 @@ def _symmetric_cos(mi: _Modality, mt: _Modality, eta: float,
 def sgrn_graph(fi: Tensor, ft: Tensor, fi_all: Tensor, ft_all: Tensor, offset: int, k: int,
                tau: float, eta: float, beta: float, lam: float, gamma: float, mu: float,
                gate: bool = True, enhance: bool = True, *,
-               gather_rows: Callable[[Tensor], Tensor] = gather) -> SGRNGraph:
+               gather_rows: Callable[[Tensor], Tensor] = lambda x: x) -> SGRNGraph:
     """SGRN's targets (METHODS 2.2 proposal, steps 1-4) for this rank's rows.
 
     Per modality: ``C = cos(F, F)`` with the diagonal exactly 1; k-NN lists where a node is
@@ -218,8 +217,8 @@ def sgrn_graph(fi: Tensor, ft: Tensor, fi_all: Tensor, ft_all: Tensor, offset: i
     ``S* = 2((1 - lam)(beta S_I + (1 - beta) S_T) + lam (cos(S_I,S_T) + cos(S_I,S_T)^T) / 2) - 1``,
     ``S = mu W S*`` with ``W = 1 + gamma M_I M_T`` (``enhance=False``: ``W = 1``).
 
-    ``gather_rows`` all-gathers per-row tensors (k-NN lists, theta, row norms) in rank order;
-    without a process group :func:`xmdist.dist.gather` returns its input (one process).
+    ``gather_rows`` all-gathers per-row tensors (k-NN lists, theta, row norms) in rank order
+    (:func:`xmdist.dist.gather` under several processes); the default, the identity, is one process.
     """
     if not 1 <= k <= fi_all.shape[0]:
         raise ValueError(f"k must be in 1..N={fi_all.shape[0]} (self included), got {k}")

@@ -1,60 +1,31 @@
-"""Registry of training methods, and the interface the trainer talks to.
+"""Training methods: one module per method family, each registering its classes.
 
-A method builds named networks, each optimised by its own optimizer (and, under DeepSpeed, its
-own engine); ``"model"`` is the retrieval model, whose ``encode_image``/``encode_text`` the
-evaluator calls. One training step is ``out = method.forward(nets, batch)`` once, then each
-``Phase`` in order: its loss is computed from ``out``, back-propagated and its network stepped
-(a GAN's discriminators first, then the model). Losses are this rank's share of the
-global-batch objective. The trainer, the data pipeline and the backends never name a method.
+Importing this package imports every module in it, so a new method is a new file here with a
+``@register("name")`` class (the interface: :mod:`xmdist.methods.base`). ``load_config`` and
+``build_config`` resolve a run configuration against the registered methods' schemas.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import importlib
+import pkgutil
+from pathlib import Path
 
-from torch import nn
+from xmdist import config as _config
+from xmdist.methods.base import Method, Network, Phase
+from xmdist.methods.registry import get_method, known_methods, register
 
-from xmdist.config import ConfigError, OptimConfig
-
-
-@dataclass(frozen=True)
-class Network:
-    module: nn.Module
-    optim: OptimConfig
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
-@dataclass(frozen=True)
-class Phase:
-    network: str  # stepped after this phase's backward
-    loss: Callable  # (nets, batch, out, epoch) -> {"loss": share to optimise, other terms...}
+def build_config(raw: dict, overrides: list[str] = ()) -> _config.Config:
+    """:func:`xmdist.config.build_config` against the registered methods."""
+    return _config.build_config(raw, overrides, get_method)
 
 
-class SingleModel:
-    """Base of methods that train one network, ``"model"``, with one loss phase ``losses``."""
-
-    @property
-    def phases(self) -> list[Phase]:
-        return [Phase("model", self.losses)]
-
-    def forward(self, nets: dict, batch: dict) -> dict:
-        return nets["model"].model(batch)
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> _config.Config:
+    """:func:`xmdist.config.load_config` against the registered methods."""
+    return _config.load_config(path, overrides, get_method)
 
 
-_METHODS: dict[str, type] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-    return add
-
-
-def get_method(name: str) -> type:
-    if name not in _METHODS:
-        raise ConfigError(f"method: unknown method {name!r}; known: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
-
-
-from xmdist.methods import hashing, mfsr, vsepp  # noqa: E402,F401  (they register themselves)
+__all__ = ["Method", "Network", "Phase", "build_config", "get_method", "known_methods", "load_config", "register"]

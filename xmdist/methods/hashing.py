@@ -5,7 +5,7 @@ set (``launch/extract_features.py``); their similarity targets are built over th
 (features gathered without gradient, codes through the autograd all-gather), so the loss and
 its gradients equal those of one process holding the whole batch. Evaluation ranks a retrieval
 database (``eval.database_split``, default the training split) for the queries of the
-validation or test split by Hamming distance (xmdist/evaluate_hashing.py).
+validation or test split by Hamming distance (the ``hamming`` protocol, xmdist/eval/hamming.py).
 """
 from __future__ import annotations
 
@@ -13,17 +13,20 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
+from pathlib import Path
 
-from xmdist.config import Config, ConfigError, check
+import torch
+from torch import nn
+
+from xmdist.config import ConfigError, check
 from xmdist.data.decode import IMAGE_KEYS, FeatureDecoder, decode_npy, normalize_images
 from xmdist.data.info import ShardError, ShardSet, Split
 from xmdist.data.loader import iter_raw_samples
-from xmdist.dist import DistEnv, gather
-from xmdist.evaluate_hashing import evaluate_hashing, format_hashing
-from xmdist.features import LAYERS, build_extractor, feature_shape, min_image_size
+from xmdist.dist import gather
 from xmdist.losses.hashing import alpha_for_epoch, djsrh_loss, djsrh_target, hash_codes, sgrn_graph, sgrn_loss
-from xmdist.methods import Network, SingleModel, register
+from xmdist.methods.base import Method, Network
+from xmdist.methods.registry import register
+from xmdist.models.backbones import LAYERS, build_extractor, feature_shape, min_image_size
 from xmdist.models.hashing import HashModel
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ class HashModelConfig:
     # trainable CNN (fine-tuned end to end, as DJSRH's code does), the similarity graph still from
     # a frozen copy of the same CNN
     image_input: Literal["features", "pixels"] = "features"
-    backbone: str = "alexnet"  # pixels: a torchvision CNN of xmdist/features.py (alexnet fc7, vgg fc7, resnet pool)
+    backbone: str = "alexnet"  # pixels: a torchvision CNN of xmdist/models/backbones.py (alexnet fc7, vgg fc7, resnet pool)
     weights: str | None = "DEFAULT"  # pixels: torchvision weight name, a .pth file, or "random"
     image_size: int = 224  # pixels: resize and centre crop
 
@@ -92,18 +95,15 @@ def _first_sample(split: Split) -> dict:
     raise ShardError(f"split '{split.name}' has no readable sample")
 
 
-class _Hashing(SingleModel):
+class _Hashing(Method):
     """What DJSRH and SGRN share: data, model, evaluation. Subclasses define ``losses``."""
 
     model_config = HashModelConfig
-    uses_vocab = False  # the text is a tag bag-of-words, not captions
-    score_key = "map"  # mean of mAP@all i2t and t2i on the validation queries
+    text_input = "bag_of_words"  # the text is a tag vector, not captions
+    protocol = "hamming"  # mean of mAP@all i2t and t2i on the validation queries picks the best checkpoint
 
-    def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.env = cfg, env
-        self.dims: tuple[int, int] | None = None
-
-    def make_decoder(self, shards: ShardSet, vocab=None) -> FeatureDecoder:
+    def prepare(self, shards: ShardSet, run_dir: Path | None, train: bool = True) -> None:
+        """Check the shards hold what the method reads; the model's input sizes come from them."""
         d, m = self.cfg.data, self.cfg.model
         pixels = m.image_input == "pixels"
         feature = d.features or shards.info.get("layer")
@@ -132,16 +132,17 @@ class _Hashing(SingleModel):
             labels = [names.index(n) for n in d.labels]
         text_dim = decode_npy(sample["tags.npy"]).size
         if pixels:
-            image_dim = feature_shape(m.backbone, LAYERS[m.backbone][0], m.image_size)[0]
+            image_shape = feature_shape(m.backbone, LAYERS[m.backbone][0], m.image_size)
         else:
-            image_dim = decode_npy(sample[member]).size
-        self.dims = (image_dim, text_dim)
-        num_labels = decode_npy(sample["labels.npy"]).size
-        return FeatureDecoder(member, image_dim, text_dim, num_labels, labels, m.image_size if pixels else 0)
+            image_shape = decode_npy(sample[member]).shape
+        self.dims = (int(torch.Size(image_shape).numel()), text_dim)
+        self.decoder_args = (member, tuple(image_shape), text_dim, decode_npy(sample["labels.npy"]).size, labels,
+                             m.image_size if pixels else 0)
 
-    def build(self, vocab_size: int | None = None) -> dict[str, Network]:
-        if self.dims is None:
-            raise RuntimeError("make_decoder() first: the model's input sizes come from the data")
+    def make_decoder(self, shards: ShardSet) -> FeatureDecoder:
+        return FeatureDecoder(*self.decoder_args)
+
+    def build(self) -> dict[str, Network]:
         m = self.cfg.model
         trunk = None
         if m.image_input == "pixels":
@@ -152,13 +153,16 @@ class _Hashing(SingleModel):
         model = HashModel(*self.dims, m.bits, m.image_hidden, m.text_hidden, trunk)
         return {"model": Network(model, self.cfg.optim)}
 
+    def _image_input(self, batch: dict) -> torch.Tensor:
+        return batch["images"] if self.cfg.model.image_input == "pixels" else batch["features"]
+
     def _gathered(self, batch: dict, out: dict, epoch: int) -> dict[str, torch.Tensor]:
         alpha = alpha_for_epoch(epoch)
-        if "images" in batch:  # end to end: graph features from the frozen copy of the CNN
+        if self.cfg.model.image_input == "pixels":  # end to end: graph features from the frozen copy of the CNN
             with torch.no_grad():
                 (fi,) = self.feature_net(normalize_images(batch["images"])).values()
         else:
-            fi = batch["features"]
+            fi = batch["features"].flatten(1)  # region features (n, m, d) -> one vector per image
         g = {"fi": fi.float(), "ft": batch["tags"].float(), "hi": out["hi"].float(), "ht": out["ht"].float()}
         g["bi"], g["bt"] = hash_codes(g["hi"], alpha), hash_codes(g["ht"], alpha)
         for k in ("fi", "ft"):
@@ -167,24 +171,9 @@ class _Hashing(SingleModel):
             g[k + "_all"] = gather(g[k], grad=True)
         return g
 
-    def evaluate(self, model, split: Split, decoder, shards: ShardSet, *, folds: int = 1, max_images: int = 0,
-                 autocast=None, logger=None, step: int = 0, prefix: str = "val/", final: bool = False) -> dict:
-        c = self.cfg
-        database = shards.split(c.eval.database_split or c.data.train_split)
-        metrics, balance = evaluate_hashing(model, split, database, decoder, self.env, c.eval.batch_size,
-                                            max_images, autocast, curves=final)
-        if logger is not None:
-            for k, v in balance.items():
-                logger.histogram(f"{prefix}bit_balance_{k}", v, step)
-            for name in ("i2t", "t2i"):
-                curves = metrics.get(f"curves_{name}")
-                if curves:
-                    logger.curve(f"{prefix}pr_{name}/precision_by_radius", curves["radius"], curves["pr_precision"], step)
-                    logger.curve(f"{prefix}pr_{name}/recall_by_radius", curves["radius"], curves["pr_recall"], step)
-                    logger.curve(f"{prefix}precision_at_k_{name}", curves["k"], curves["precision_at_k"], step)
-        return metrics
-
-    format_metrics = staticmethod(format_hashing)
+    def encode_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        return {"image": model.encode_image(self._image_input(batch)), "text": model.encode_text(batch["tags"]),
+                "labels": batch["labels"]}
 
 
 @register("djsrh")
@@ -206,6 +195,7 @@ class SGRN(_Hashing):
         big_n = g["fi_all"].shape[0]
         k = max(1, round(c.knn * big_n))
         graph = sgrn_graph(g["fi"], g["ft"], g["fi_all"], g["ft_all"], self.env.rank * len(g["fi"]), k, c.tau,
-                           c.eta, c.beta, c.lam, c.gamma, c.mu, gate=c.gate, enhance=c.enhance)
+                           c.eta, c.beta, c.lam, c.gamma, c.mu, gate=c.gate, enhance=c.enhance,
+                           gather_rows=gather)
         return sgrn_loss(g["hi"], g["ht"], g["hi_all"], g["ht_all"], g["bi"], g["bt"], g["bi_all"], g["bt_all"],
                          graph, c.rho, c.intra_weight)

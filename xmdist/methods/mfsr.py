@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from xmdist.config import OptimConfig, check
 from xmdist.dist import gather
-from xmdist.losses.contrastive import vse_loss
 from xmdist.losses.mfsr import caption_loss, discriminator_loss, generator_loss, modality_loss, specific_loss
-from xmdist.methods import Network, Phase, register
-from xmdist.methods.vsepp import VSELossConfig, VSEModelConfig, VSEPP
+from xmdist.methods.base import Network, Phase
+from xmdist.methods.captions import CaptionMethod
+from xmdist.methods.parts import discriminator_optim, frozen, share
+from xmdist.methods.registry import register
+from xmdist.methods.vsepp import VSELossConfig, VSEModelConfig
 from xmdist.models.mfsr import Discriminator, MFSRModel, target_images
 
 
@@ -53,8 +54,7 @@ class MFSRLossConfig(VSELossConfig):
     w_cap: float = 1.0  # L_cap (needs model.caption_recon)
     delta: float = 1.0  # margin between the two modality means
     feature_matching: float = 1.0  # beta in L_G
-    d_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="adam", lr=2e-4, betas=[0.5, 0.999], grad_clip=0.0, lr_decay_epochs=[]))
+    d_optim: OptimConfig = field(default_factory=discriminator_optim)
 
     def validate(self) -> None:
         super().validate()
@@ -63,22 +63,15 @@ class MFSRLossConfig(VSELossConfig):
         self.d_optim.validate()
 
 
-def frozen(module: torch.nn.Module):
-    """``module`` as a function of its inputs only: gradients reach the inputs, not its weights."""
-    weights = {k: v.detach() for k, v in module.named_parameters()}
-    weights.update(dict(module.named_buffers()))
-    return lambda *args: functional_call(module, weights, args)
-
-
 @register("mfsr")
-class MFSR(VSEPP):
+class MFSR(CaptionMethod):
     """VSE++'s global-batch hinge on ``se``, plus the mFSR terms and networks."""
     model_config = MFSRModelConfig
     loss_config = MFSRLossConfig
 
-    def build(self, vocab_size: int) -> dict[str, Network]:
+    def build(self) -> dict[str, Network]:
         m, c = self.cfg.model, self.cfg.loss
-        model = MFSRModel(vocab_size, m.backbone, m.feature_dim, m.embed_dim, m.word_dim, m.text_layers,
+        model = MFSRModel(len(self.vocab), m.backbone, m.feature_dim, m.embed_dim, m.word_dim, m.text_layers,
                           m.weights, m.finetune, image_recon=m.image_recon, caption_recon=m.caption_recon,
                           image_size=m.recon_size, ngf=m.ngf, decoder_hidden=m.decoder_hidden)
         nets = {"model": Network(model, self.cfg.optim)}
@@ -93,8 +86,7 @@ class MFSR(VSEPP):
         return [*gan, Phase("model", self.model_loss)]
 
     def _share(self, local_mean: torch.Tensor) -> torch.Tensor:
-        """A rank-local mean as this rank's share of the mean over ranks."""
-        return local_mean / self.env.world_size
+        return share(local_mean, self.env)
 
     def _real(self, batch: dict) -> torch.Tensor:
         return target_images(batch["images"], self.cfg.model.recon_size)
@@ -117,11 +109,8 @@ class MFSR(VSEPP):
 
     def model_loss(self, nets: dict, batch: dict, out: dict, epoch: int) -> dict[str, torch.Tensor]:
         c, m, n = self.cfg.loss, self.cfg.model, len(batch["image_ids"])
-        ids = batch["image_ids"]
         v_se, l_se = out["img_se"], out["txt_se"]
-        hard = c.max_violation and epoch >= c.warmup_epochs
-        terms = {"se": vse_loss(v_se, l_se, gather(v_se, grad=True), gather(l_se, grad=True), ids, gather(ids),
-                                margin=c.margin, max_violation=hard, reduction=c.reduction)}
+        terms = {"se": self.hinge(v_se, l_se, batch["image_ids"], epoch)}
         total = terms["se"]
         big_n = n * self.env.world_size
         if c.modality:
@@ -149,7 +138,7 @@ class MFSR(VSEPP):
         return {"loss": total, **terms}
 
     @torch.no_grad()
-    def log_media(self, nets: dict, batch: dict, out: dict, vocab, logger, step: int) -> None:
+    def log_media(self, nets: dict, batch: dict, out: dict, logger, step: int) -> None:
         """Input vs reconstructed images (top row real, bottom row G) and decoded captions."""
         from torchvision.utils import make_grid
 
@@ -162,6 +151,6 @@ class MFSR(VSEPP):
             code = torch.cat([out["txt_mo"], out["txt_se"], out["txt_sp"]], 1)[:k]
             greedy = model.decoder.greedy(code.to(next(model.decoder.parameters()).dtype),
                                           batch["tokens"].shape[1] + 2)
-            lines = [f"{vocab.decode(t.tolist())}  <-  {vocab.decode(g.tolist())}"
+            lines = [f"{self.vocab.decode(t.tolist())}  <-  {self.vocab.decode(g.tolist())}"
                      for t, g in zip(batch["tokens"][:k], greedy)]
             logger.text("media/captions_input_vs_reconstructed", "\n\n".join(lines), step)

@@ -29,10 +29,11 @@ class HashModel(nn.Module):
         self.text = _mlp(text_dim, text_hidden, bits)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: features (B, d_i), or uint8 images (B, 3, H, W) when the model has a trunk."""
+        """``x``: features (B, d_i) or regions (B, m, d) (flattened), or uint8 images (B, 3, H, W)
+        when the model has a trunk."""
         if self.trunk is not None:
             (x,) = self.trunk(normalize_images(x) if x.dtype == torch.uint8 else x).values()
-        return self.image(x)
+        return self.image(x.flatten(1))
 
     def encode_text(self, tags: torch.Tensor) -> torch.Tensor:
         return self.text(tags)

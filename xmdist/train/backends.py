@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from xmdist.config import ConfigError, Config, OptimConfig
 from xmdist.dist import DistEnv
-from xmdist.optim import build_optimizer, build_scheduler
+from xmdist.train.optim import build_optimizer, build_scheduler
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -102,6 +102,7 @@ class DeepSpeedBackend:
             model=model.to(env.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.model = self.engine
         self.module = self.engine.module
+        self.world_size = env.world_size
         if DTYPES[t.precision] is not None:
             # The engine casts parameters to bf16/fp16 but leaves float buffers (BatchNorm
             # running statistics) behind, which the normalisation kernels refuse.
@@ -136,8 +137,7 @@ class DeepSpeedBackend:
             # ZeRO and bf16 wrappers take the list of all ranks' states and index their own;
             # this rank's file is all it needs. fp32 master weights come from the file, not
             # from the (possibly bf16) module copy, so resuming loses no precision.
-            world = torch.distributed.get_world_size()
-            self.optimizer.load_state_dict([rank["optimizer"]] * world, load_optimizer_states=True,
+            self.optimizer.load_state_dict([rank["optimizer"]] * self.world_size, load_optimizer_states=True,
                                            load_from_fp32_weights=True)
         else:
             self.optimizer.load_state_dict(rank["optimizer"])

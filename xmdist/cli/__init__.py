@@ -1,16 +1,12 @@
-"""What every launcher in ``launch/`` shares: expected errors become a message and exit status 2."""
+"""Command-line entry points (``launch/*.py`` and the ``xmdist-*`` console scripts call their
+``main``), and what they share: expected errors become a message and exit status 2."""
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from typing import Callable
 
-from xmdist.dist import destroy_distributed
-
-
-def first_rank() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+from xmdist.dist import DistEnv, destroy_distributed
 
 
 def run_launcher(body: Callable[[], int], errors: tuple[type[Exception], ...]) -> int:
@@ -19,7 +15,7 @@ def run_launcher(body: Callable[[], int], errors: tuple[type[Exception], ...]) -
     try:
         return body()
     except errors as e:
-        if first_rank():
+        if DistEnv.from_environ(device="cpu").is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from xmdist.config import ConfigError
+from xmdist.io import write_text_atomic
 from xmdist.dist import DistEnv, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,6 @@ def load_file(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def rng_state() -> dict:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": list(random.getstate()[1]),
@@ -66,6 +61,29 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pack_state(nets: dict, trainer: dict) -> tuple[dict, dict]:
+    """(shared, rank) state of a run: every network's backend state, the trainer's counters,
+    and this rank's random generators."""
+    shared = {"nets": {k: b.shared_state() for k, b in nets.items()}, "trainer": trainer}
+    rank = {"nets": {k: b.rank_state() for k, b in nets.items()}, "rng": rng_state()}
+    return shared, rank
+
+
+def unpack_state(nets: dict, shared: dict, rank: dict) -> dict:
+    """Load :func:`pack_state`'s output into ``nets`` and the random generators; returns the
+    trainer's counters."""
+    for k, b in nets.items():
+        b.load(shared["nets"][k], rank["nets"][k])
+    set_rng_state(rank["rng"])
+    return shared["trainer"]
+
+
+def model_state(shared: dict, network: str = "model") -> dict:
+    """The weights of ``network`` in a checkpoint's ``shared.pt`` (layout: ``nets/NAME/model``,
+    ``NAME/`` holding the backend's :meth:`shared_state`)."""
+    return shared["nets"][network]["model"]
 
 
 class CheckpointManager:
@@ -96,9 +114,9 @@ class CheckpointManager:
             if final.exists():  # the same step saved again (e.g. after a final evaluation)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic_text(self.dir / "latest", name)
+            write_text_atomic(self.dir / "latest", name)
             if best:
-                _write_atomic_text(self.dir / "best", name)
+                write_text_atomic(self.dir / "best", name)
             self._prune()
         barrier()
         return final

@@ -1,6 +1,8 @@
 """The training loop: data -> method -> backend, with evaluation, checkpoints and logging.
 
-Nothing here names a method or a backend: both come from the config through their registries.
+Nothing here names a method, a backend or an evaluation protocol: all three come from the
+config through their registries, and the method is used only through its declared interface
+(:mod:`xmdist.methods.base`).
 """
 from __future__ import annotations
 
@@ -15,40 +17,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from xmdist.backends import build_backend
-from xmdist.checkpoint import CheckpointManager, rng_state, set_rng_state
-from xmdist.config import Config, ConfigError, load_config, save_config
+from xmdist.config import Config, ConfigError, save_config
 from xmdist.data.info import ShardSet
-from xmdist.data.loader import StreamPlan, build_vocab, TrainStream, make_loader, steps_per_epoch, worker_count
-from xmdist.data.vocab import Vocab
+from xmdist.data.loader import StreamPlan, TrainStream, make_loader, steps_per_epoch, worker_count
 from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, on_main
-from xmdist.faults import FaultInjector
-from xmdist.logger import build_logger
-from xmdist.methods import get_method
-from xmdist.watchdog import Watchdog
+from xmdist.eval import EvalRequest, get_protocol
+from xmdist.methods import get_method, load_config
+from xmdist.train.backends import build_backend
+from xmdist.train.checkpoint import CheckpointManager, model_state, pack_state, unpack_state
+from xmdist.train.faults import FaultInjector
+from xmdist.train.logger import build_logger
+from xmdist.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-
-def prepare_vocab(cfg: Config, shards: ShardSet, run_dir: Path, env: DistEnv) -> Vocab:
-    """Build the vocabulary from the training captions once (rank 0), or reuse the run's."""
-    path = run_dir / "vocab.json"
-
-    def build() -> None:
-        if path.exists():
-            return
-        if cfg.data.vocab:
-            Vocab.load(cfg.data.vocab).save(path)  # checks it is a vocabulary file
-            log.info("vocabulary: %s -> %s", cfg.data.vocab, path)
-            return
-        split = shards.split(cfg.data.train_split)
-        vocab = build_vocab(split, cfg.data.min_word_count)
-        vocab.save(path)
-        log.info("vocabulary: %d words seen >= %d times in '%s' -> %s", len(vocab), cfg.data.min_word_count,
-                 split.name, path)
-
-    on_main(build, env)
-    return Vocab.load(path)
 
 
 def scalars(metrics: dict) -> dict[str, float]:
@@ -133,23 +114,23 @@ class Trainer:
         self.val_split = self.shards.split(cfg.data.val_split)
         d = cfg.data
         self.method = get_method(cfg.method)(cfg, env)
-        # Caption methods: pairs are (image, one of its captions); feature methods: one per sample.
-        self.ncap, self.caption_mode = self.shards.captions_per_image, d.caption_mode
-        if not self.method.uses_vocab:
-            self.ncap, self.caption_mode = 1, "random"
-        self.vocab = prepare_vocab(cfg, self.shards, self.run_dir, env) if self.method.uses_vocab else None
+        self.method.prepare(self.shards, self.run_dir, train=True)  # e.g. the vocabulary, once
+        self.protocol = get_protocol(self.method.protocol)
+        self.score_key = self.method.score_key or self.protocol.score_key  # picks the best checkpoint
+        self.ncap, self.caption_mode = self.method.pairs(self.shards)  # texts per image in the stream
         if d.gpu_decode and env.device.type != "cuda":
             raise ConfigError("data.gpu_decode: needs a CUDA device")
-        self.decoder = self.method.make_decoder(self.shards, self.vocab)
+        self.decoder = self.method.make_decoder(self.shards)
         self.steps_per_epoch = d.epoch_steps or steps_per_epoch(self.train_split, self.ncap, self.caption_mode,
                                                                 d.batch_size * env.world_size)
         self.num_workers = worker_count(self.train_split, env.world_size, d.num_workers, d.resampled)
         self.nets = {name: build_backend(net.module, net.optim, self.steps_per_epoch, cfg, env)
-                     for name, net in self.method.build(len(self.vocab) if self.vocab else None).items()}
+                     for name, net in self.method.build().items()}
         self.model = self.nets["model"]  # the retrieval model: evaluation and final test
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_last)
         self.logger = build_logger(env, self.run_dir)
-        self.step, self.best_score = 0, -math.inf  # best validation score (method.score_key)
+        self.step, self.best_score = 0, -math.inf  # best validation score (self.score_key)
+        self.clock = lambda mark: None  # train_step calls clock(mark) at its stages (benchmarks time them)
         self.stop = StopSignal(env)
         self.faults = FaultInjector(env.rank)
         self.nonfinite_run = 0  # consecutive steps skipped for non-finite loss or gradients
@@ -166,16 +147,11 @@ class Trainer:
                  env.world_size, cfg.train.backend, cfg.train.precision)
 
     # ------------------------------------------------------------------ state
-    def _state(self) -> tuple[dict, dict]:
-        shared = {"nets": {k: b.shared_state() for k, b in self.nets.items()}}
-        shared["trainer"] = {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
-                             "best_score": self.best_score, "num_workers": self.num_workers,
-                             "world_size": self.env.world_size, "method": self.cfg.method}
-        rank = {"nets": {k: b.rank_state() for k, b in self.nets.items()}, "rng": rng_state()}
-        return shared, rank
-
     def save(self, best: bool = False) -> None:
-        path = self.ckpt.save(self.step, *self._state(), best=best)
+        counters = {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
+                    "best_score": self.best_score, "num_workers": self.num_workers,
+                    "world_size": self.env.world_size, "method": self.cfg.method}
+        path = self.ckpt.save(self.step, *pack_state(self.nets, counters), best=best)
         log.info("checkpoint %s%s", path, " (best)" if best else "")
 
     def _resume(self, name: str | None) -> None:
@@ -195,9 +171,7 @@ class Trainer:
         if t["num_workers"] != self.num_workers:
             log.warning("loader workers changed (%d -> %d): the data order after resume differs",
                         t["num_workers"], self.num_workers)
-        for k, b in self.nets.items():
-            b.load(shared["nets"][k], rank["nets"][k])
-        set_rng_state(rank["rng"])
+        unpack_state(self.nets, shared, rank)
         self.step, self.best_score = t["step"], t["best_score"]
         log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", name, self.step, self.epoch,
                  self.step % self.steps_per_epoch)
@@ -210,17 +184,18 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimiser step of every phase. A phase whose loss (on any rank) or gradient norm is
         not finite is skipped on every rank; ``nonfinite`` counts such steps."""
-        if "jpeg" in batch:  # data.gpu_decode
-            batch = self.decoder.decode_on_device(batch, self.env.device)
-        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        batch = self.decoder.to_device(batch, self.env.device)  # data.gpu_decode: decoded there
+        self.clock("data")
         with self.model.autocast():
             out = self.method.forward(self.nets, batch)
+        self.clock("forward")
         self.last = (batch, out)  # for log_media
         logged, nonfinite = {}, False
         for phase in self.method.phases:  # e.g. discriminators first, then the model
             net = self.nets[phase.network]
             with net.autocast():
                 terms = phase.loss(self.nets, batch, out, self.epoch)
+            self.clock(f"loss_{phase.network}")
             if self.faults.corrupt_loss(self.step + 1):
                 terms["loss"] = terms["loss"] * math.nan
             suffix = "" if phase.network == "model" else f"_{phase.network}"
@@ -233,7 +208,9 @@ class Trainer:
             # Losses are this rank's share of the global-batch objective and the backends
             # average gradients over ranks: scaling by the world size makes gradients exact.
             net.backward(terms["loss"] * self.env.world_size)
+            self.clock(f"backward_{phase.network}")
             terms["grad_norm"] = net.step()
+            self.clock(f"step_{phase.network}")
             if not torch.isfinite(torch.as_tensor(terms["grad_norm"])) and self.cfg.train.precision != "fp16":
                 log.warning("step %d: non-finite %s gradients; update skipped", self.step + 1, phase.network)
                 nonfinite = True
@@ -253,7 +230,7 @@ class Trainer:
                                  f"was updated by those steps; the last checkpoint is {last}. Lower optim.lr, "
                                  f"set optim.grad_clip or use fp32/bf16, then rerun to resume from it.")
 
-    def _loader(self) -> DataLoader:
+    def loader(self) -> DataLoader:
         """One loader for the rest of the run, starting at the current step."""
         d, env = self.cfg.data, self.env
         plan = StreamPlan(self.train_split, env.rank, env.world_size, self.steps_per_epoch,
@@ -268,7 +245,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         t = self.cfg.train
         new_window = lambda: {"sums": {}, "counts": {}, "n": 0, "data": 0.0, "start": time.time()}  # noqa: E731
-        window, batches = new_window(), iter(self._loader())
+        window, batches = new_window(), iter(self.loader())
         watchdog = Watchdog(t.watchdog_s, self.env.rank)
         try:
             while not self._done():
@@ -287,8 +264,8 @@ class Trainer:
                 if self.step % t.log_every == 0:
                     self._log(window)
                     window = new_window()
-                if self.step % t.media_every == 0 and hasattr(self.method, "log_media"):
-                    self.method.log_media(self.nets, *self.last, self.vocab, self.logger, self.step)
+                if self.step % t.media_every == 0:
+                    self.method.log_media(self.nets, *self.last, self.logger, self.step)
                 epoch_end = self.step % self.steps_per_epoch == 0
                 due = (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end)
                 if due and self.cfg.eval.validation:
@@ -334,14 +311,16 @@ class Trainer:
                  100 * perf["data_wait_s"] / perf["step_time_s"])
 
     def _evaluate(self, split, folds: int, max_images: int = 0, prefix: str = "val/", final: bool = False) -> dict:
-        return self.method.evaluate(self.model.module, split, self.decoder, self.shards, folds=folds,
-                                    max_images=max_images, autocast=self.model.autocast, logger=self.logger,
-                                    step=self.step, prefix=prefix, final=final)
+        e = self.cfg.eval
+        return self.protocol.evaluate(EvalRequest(
+            self.method, self.model.module, self.decoder, self.shards, split, self.env, e.batch_size,
+            self.cfg.data.num_workers, self.model.autocast, folds=folds, max_items=max_images, curves=final,
+            logger=self.logger, step=self.step, prefix=prefix))
 
     def validate(self) -> dict:
         metrics = self._evaluate(self.val_split, self.cfg.eval.val_folds, self.cfg.eval.max_val_images)
         self.logger.scalars(scalars(metrics), self.step, "val/")
-        score = metrics[self.method.score_key]
+        score = metrics[self.score_key]
         best = score > self.best_score
         self.best_score = max(self.best_score, score)
         self.save(best=best)
@@ -352,17 +331,17 @@ class Trainer:
         best = self.ckpt.best_name()
         if best:
             _, shared, _ = self.ckpt.load(best)
-            self.model.module.load_state_dict(shared["nets"]["model"]["model"])
+            self.model.module.load_state_dict(model_state(shared))
         test = self.shards.split(self.cfg.data.test_split)
         metrics = self._evaluate(test, self.cfg.eval.folds, prefix="test/", final=True)
         self.logger.scalars(scalars(metrics), self.step, "test/")
         self.logger.flush()
         result = {"split": test.name, "checkpoint": best or f"step_{self.step:08d}", "folds": self.cfg.eval.folds,
-                  "step": self.step, "method": self.cfg.method, "score_key": self.method.score_key,
+                  "step": self.step, "method": self.cfg.method, "score_key": self.score_key,
                   "best_val_score": self.best_score, **metrics}
         if self.env.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-            log.info("test (%s): %s -> %s", result["checkpoint"], self.method.format_metrics(metrics),
+            log.info("test (%s): %s -> %s", result["checkpoint"], self.protocol.format(metrics),
                      self.run_dir / "eval.json")
         return result
 

@@ -1,0 +1,101 @@
+"""Encode a shard split with a trained run into a retrieval index (see xmdist/tools/index.py).
+
+    # the test split's images (what a text query searches), 2 processes
+    torchrun --nproc_per_node=2 launch/encode.py --run-dir runs/demo --shards shards/synthetic \
+        --split test --out indexes/demo-test
+    # plus an index of the split's captions (what an image query searches)
+    torchrun ... launch/encode.py ... --out indexes/demo-test --captions indexes/demo-test-captions
+    # sign bits instead of float16 vectors (Hamming / asymmetric search)
+    python launch/encode.py ... --codes
+
+``--run-dir`` and ``--run`` are the same option; under torchrun only ``--run-dir`` works (torchrun's
+own parser reads ``--run`` as an abbreviation of its ``--run-path``). Every rank encodes its share
+of the split (xmdist.eval.encode.encode_split); rank 0 writes. ``--codes`` stores the sign bits
+(>= 0) of the retrieval embedding: K = embedding dim bits.
+Exit codes: 0 done, 2 bad input (missing run, checkpoint, shards; the message says which), 1 other.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from xmdist.cli import run_launcher
+from xmdist.config import ConfigError
+from xmdist.data.info import ShardError, ShardSet
+from xmdist.data.splits import read_split_meta
+from xmdist.dist import DistEnv, init_distributed, on_main
+from xmdist.eval.encode import encode_split
+from xmdist.tools.index import IndexFormatError, check_target, save_index
+from xmdist.tools.runs import RunError, load_run
+from xmdist.train.logger import setup_console
+
+log = logging.getLogger("xmdist.encode")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", "--run", dest="run", required=True,
+                   help="run directory written by launch/train.py (under torchrun spell it --run-dir: torchrun "
+                        "takes --run for an abbreviation of its own --run-path)")
+    p.add_argument("--checkpoint", default="best", help="best (default), latest or step_XXXXXXXX")
+    p.add_argument("--shards", help="shard set directory (default: the run's data.shards)")
+    p.add_argument("--split", default="test", help="split to encode (default: test)")
+    p.add_argument("--out", required=True, help="index directory of the split's images")
+    p.add_argument("--captions", metavar="DIR", help="also write an index of the split's captions to DIR")
+    p.add_argument("--codes", action="store_true", help="store packed sign bits instead of float16 vectors")
+    p.add_argument("--batch-size", type=int, default=0, help="images per rank per step (default: eval.batch_size)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p.parse_args(argv)
+
+
+def write_indexes(args, loaded, shards, split, img, cap, seconds: float) -> None:
+    ids, captions = read_split_meta(split)
+    if len(ids) != len(img):
+        raise RunError(f"split '{split.name}': {len(img)} images encoded but {len(ids)} samples readable")
+    kind = "codes" if args.codes else "embedding"
+    source = {"run": str(Path(args.run).resolve()), "checkpoint": loaded.checkpoint, "step": loaded.step,
+              "method": loaded.config.method, "shards": str(shards.root.resolve()), "split": split.name}
+    save_index(args.out, ids, img.numpy(), captions, kind, {"items": "images", "source": source})
+    log.info("%d images (%s, %d-d, %s) of %s/%s in %.1fs -> %s", len(ids), kind, img.shape[1],
+             loaded.checkpoint, shards.root, split.name, seconds, args.out)
+    if args.captions:
+        cap_ids = [i for i, caps in zip(ids, captions) for _ in caps]
+        cap_text = [[c] for caps in captions for c in caps]
+        if len(cap_ids) != len(cap):
+            raise RunError(f"split '{split.name}': {len(cap)} captions encoded but {len(cap_ids)} readable")
+        save_index(args.captions, cap_ids, cap.numpy(), cap_text, kind, {"items": "captions", "source": source})
+        log.info("%d captions -> %s", len(cap_ids), args.captions)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        env = DistEnv.from_environ(device=args.device)
+        setup_console(env)
+        loaded = load_run(args.run, args.checkpoint, env.device)  # every rank checks before any collective
+        if not loaded.method.query_inputs:  # an index nobody can query
+            raise RunError(f"{args.run} is a {loaded.config.method} run, whose method encodes no queries: "
+                           f"score it with launch/eval.py; encode.py serves caption models")
+        cfg = loaded.config
+        shards = ShardSet.open(args.shards or cfg.data.shards)
+        split = shards.split(args.split)
+        for target in filter(None, (args.out, args.captions)):
+            check_target(target)
+        init_distributed(env, cfg.train.dist_timeout_s)
+        t0 = time.time()
+        out = encode_split(loaded.method, loaded.model, split, loaded.decoder, env,
+                           args.batch_size or cfg.eval.batch_size, min(cfg.data.num_workers, 2), 0, loaded.autocast)
+        img, cap = out["image"], out["text"]
+        # rank 0 writes; a failure there stops every rank with the same error
+        on_main(lambda: write_indexes(args, loaded, shards, split, img, cap, time.time() - t0), env)
+        return 0
+
+    return run_launcher(body, (ConfigError, ShardError, RunError, IndexFormatError, FileNotFoundError, OSError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""What caption-retrieval methods (VSE++, mFSR) share: a vocabulary built from the training
+captions, one (image, caption) pair per caption, common-space evaluation, text and image queries,
+and VSE++'s hinge over the global batch."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xmdist.data.decode import SampleDecoder
+from xmdist.data.info import ShardSet
+from xmdist.data.loader import build_vocab
+from xmdist.data.vocab import Vocab, pad_captions, tokenize
+from xmdist.dist import gather, on_main
+from xmdist.losses.contrastive import vse_loss
+from xmdist.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+
+def caption_vocab(cfg, shards: ShardSet, run_dir: Path, env, train: bool) -> Vocab:
+    """The run's ``vocab.json``: built from the training captions once (rank 0) or copied from
+    ``data.vocab``, then read by every rank; inference reads the run's."""
+    path = Path(run_dir) / "vocab.json"
+    if not train:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: not a run directory written by launch/train.py")
+        return Vocab.load(path)
+
+    def build() -> None:
+        if path.exists():
+            return
+        if cfg.data.vocab:
+            Vocab.load(cfg.data.vocab).save(path)  # checks it is a vocabulary file
+            log.info("vocabulary: %s -> %s", cfg.data.vocab, path)
+            return
+        split = shards.split(cfg.data.train_split)
+        vocab = build_vocab(split, cfg.data.min_word_count)
+        vocab.save(path)
+        log.info("vocabulary: %d words seen >= %d times in '%s' -> %s", len(vocab), cfg.data.min_word_count,
+                 split.name, path)
+
+    on_main(build, env)
+    return Vocab.load(path)
+
+
+class CaptionMethod(Method):
+    """Base of methods whose text is a caption encoded with the run's vocabulary; the model has
+    ``encode_image(images)`` and ``encode_text(tokens, lengths)``."""
+
+    text_input = "captions"
+    protocol = "common"
+    query_inputs = ("text", "image")
+    vocab: Vocab
+
+    def prepare(self, shards: ShardSet, run_dir: Path | None, train: bool = True) -> None:
+        self.vocab = caption_vocab(self.cfg, shards, run_dir, self.env, train)
+
+    def pairs(self, shards: ShardSet) -> tuple[int, str]:
+        return shards.captions_per_image, self.cfg.data.caption_mode
+
+    def make_decoder(self, shards: ShardSet) -> SampleDecoder:
+        d = self.cfg.data
+        return SampleDecoder(self.vocab, d.crop_size, d.eval_resize, tuple(d.crop_scale), d.hflip,
+                             d.max_caption_words, d.jpeg_draft, d.gpu_decode)
+
+    def hinge(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, epoch: int) -> torch.Tensor:
+        """This rank's share of VSE++'s hinge over the global batch (negatives from every rank)."""
+        c = self.cfg.loss
+        hard = c.max_violation and epoch >= c.warmup_epochs
+        return vse_loss(img, txt, gather(img, grad=True), gather(txt, grad=True), ids, gather(ids),
+                        margin=c.margin, max_violation=hard, reduction=c.reduction)
+
+    def encode_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        return {"image": model.encode_image(batch["images"]),
+                "text": model.encode_text(batch["tokens"], batch["lengths"])}
+
+    def encode_texts(self, model: nn.Module, decoder: SampleDecoder, texts: list[str]) -> torch.Tensor:
+        tokens, lengths = pad_captions([self.vocab.encode(t, self.cfg.data.max_caption_words) for t in texts])
+        device = next(model.parameters()).device
+        return model.encode_text(tokens.to(device), lengths.to(device))
+
+    def encode_images(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(images)
+
+    def unknown_words(self, text: str) -> list[str]:
+        return [w for w in tokenize(text) if w not in self.vocab.index]
