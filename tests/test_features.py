@@ -174,3 +174,27 @@ def test_all_source_splits_by_default(tiny_shards, tmp_path):
     args = extract_features.parse_args(["--shards", str(tiny_shards), "--out", str(tmp_path / "o"), *CHEAP])
     _, splits = extract_features.check_args(args, DistEnv())
     assert list(splits) == ["train", "val", "test"] and splits["train"].num_samples == 280
+
+
+def test_run_backbone_embed_and_regions(tiny_shards, tmp_path):
+    """A trained run as the encoder: ``embed`` is its image embedding of the evaluation view,
+    ``regions`` its last spatial feature map as (h * w, channels) rows."""
+    from test_smoke import train
+    from xmdist.tools.query import encode_images
+    from xmdist.tools.runs import load_run
+
+    run = tmp_path / "run"
+    train(tiny_shards, run, "train.max_steps=2", "model.backbone=small_cnn", "model.weights=null", nproc=1)
+    common = ["--backbone", "run", "--weights", str(run), "--image-size", "32", "--resize", "32",
+              "--num-workers", "0", "--dtype", "float32", "--splits", "test"]
+    extract(tiny_shards, tmp_path / "embed", *common, "--layer", "embed")
+    extract(tiny_shards, tmp_path / "regions", *common, "--layer", "regions")
+    info = json.loads((tmp_path / "regions" / "_info.json").read_text())
+    assert info["feature_shape"] == [16, 256]  # small CNN: 32 px -> 4 x 4 map of 256 channels
+    regions, embed = read_set(tmp_path / "regions", "test", "regions"), read_set(tmp_path / "embed", "test", "embed")
+    assert len(regions) == len(embed) == 40 and regions[min(regions)]["feat"].shape == (16, 256)
+    loaded = load_run(run)
+    sample = next(iter_raw_samples(list(ShardSet.open(tiny_shards).split("test").paths)))
+    sid = decode_meta(sample)["id"]
+    want = encode_images(loaded, [loaded.decoder.eval_view(sample)])[0].numpy()
+    np.testing.assert_allclose(embed[sid]["feat"], want, rtol=1e-4, atol=1e-5)

@@ -54,6 +54,20 @@ def tb_scalars(out: Path) -> dict[str, list]:
     return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def test_deepspeed_without_zero_reports_the_grad_norm(tiny_shards, tmp_path):
+    """DeepSpeed keeps no grad norm for a plain optimizer at ZeRO 0 in fp32: the backend computes
+    it, so no step is taken for non-finite and the run trains like DDP."""
+    logs = {}
+    for backend in ("ddp", "deepspeed"):
+        proc = train(tiny_shards, tmp_path / backend, "train.max_steps=6", "train.log_every=1",
+                     f"train.backend={backend}", "train.zero_stage=0", "train.eval_every=0", "eval.validation=false")
+        assert "update skipped" not in proc.stdout + proc.stderr
+        logs[backend] = [float(line.split("grad_norm ")[1].split()[0]) for line in proc.stdout.splitlines()
+                         if "grad_norm " in line]
+    assert len(logs["deepspeed"]) == 6
+    assert logs["deepspeed"] == pytest.approx(logs["ddp"], rel=1e-3)
+
+
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
 def test_train_resume_and_outputs(tiny_shards, tmp_path, backend):
     extra = [f"train.backend={backend}"] + (["train.zero_stage=1"] if backend == "deepspeed" else [])

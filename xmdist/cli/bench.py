@@ -1,8 +1,7 @@
 """Benchmarks. Each prints one JSON object (rank 0); results go in BENCHMARKS.md with the machine named.
 
-    # training step: loader samples/s, training samples/s, and the split of a step into model
-    # forward, gather + loss (forward and backward down to the embeddings, all-gather gradient
-    # included) and model backward + optimizer step
+    # training step: loader samples/s, training samples/s, and the split of Trainer.train_step
+    # into data, forward, loss (gathers included), backward and optimizer time, per phase too
     torchrun --standalone --nproc_per_node=2 launch/bench.py train --config configs/demo_vsepp_synthetic.yaml
     # loader: xmdist's shard stream against a per-file PIL Dataset on the same JPEGs
     python launch/bench.py loader --data /tmp/xm_loader_bench --num 20000 --workers 2

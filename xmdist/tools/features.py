@@ -2,8 +2,10 @@
 
 The encoder is a torchvision CNN cut at a layer (:mod:`xmdist.models.backbones`) or, with
 backbone ``run``, the image encoder of a trained xmdist run (``weights`` = RUN_DIR, its best
-checkpoint, layer ``embed``: the run's ``model.embed_dim``), e.g. a VSE++ encoder trained on the
-synthetic shards, whose images no ImageNet network has seen. :func:`extractor_for`,
+checkpoint), e.g. a VSE++ encoder trained on the synthetic shards, whose images no ImageNet
+network has seen: layer ``embed`` is its image embedding, layer ``regions`` the last spatial
+feature map of its image encoder (the last 4-d activation larger than 1 x 1, e.g. the small
+CNN's (256, 8, 8) at 64 px) as ``(h * w, channels)`` regions, row-major, like ``pool5``. :func:`extractor_for`,
 :func:`shape_for` and :func:`weights_record` dispatch between the two; ``LAYERS`` lists both.
 
 :func:`extract_features` is the whole of ``launch/extract_features.py`` (usage, output format:
@@ -42,7 +44,7 @@ from xmdist.train.logger import setup_console
 
 log = logging.getLogger("xmdist.extract")
 RUN = "run"  # the backbone name of a trained run's image encoder
-LAYERS: dict[str, tuple[str, ...]] = {**backbones.LAYERS, RUN: ("embed",)}
+LAYERS: dict[str, tuple[str, ...]] = {**backbones.LAYERS, RUN: ("embed", "regions")}
 PARTIAL = "_partial"  # OUT/_partial/rNNN: one ShardSetWriter directory per rank
 COPIED = ("labels.npy", "tags.npy")  # source members carried over verbatim when present
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,11 +67,12 @@ def run_config(run_dir: str | None):
 
 
 class RunImageEncoder(nn.Module):
-    """The frozen image encoder of a trained xmdist run: ``{"embed": method.encode_images(model, images)}``."""
+    """The frozen image encoder of a trained xmdist run: ``{"embed": method.encode_images(model,
+    images), "regions": (B, h * w, C) last spatial feature map}`` (the layers asked for)."""
 
-    backbone, layers = RUN, ("embed",)
+    backbone = RUN
 
-    def __init__(self, run_dir: str | None):
+    def __init__(self, run_dir: str | None, layers: Sequence[str] = ("embed",)):
         super().__init__()
         run_config(run_dir)
         try:
@@ -77,12 +80,26 @@ class RunImageEncoder(nn.Module):
         except RunError as e:
             raise FeatureError(str(e)) from None
         self.model, self.method = loaded.model.requires_grad_(False), loaded.method
+        self.layers = tuple(dict.fromkeys(layers))
+        self._maps: list[torch.Tensor] = []
+        if "regions" in self.layers:  # every module's 4-d output, in forward order
+            for m in self.model.modules():
+                m.register_forward_hook(lambda _m, _i, out: self._maps.append(out) if
+                                        isinstance(out, torch.Tensor) and out.dim() == 4 else None)
 
     def train(self, mode: bool = True) -> "RunImageEncoder":
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"embed": self.method.encode_images(self.model, images)}
+        self._maps.clear()
+        out = {"embed": self.method.encode_images(self.model, images)}
+        if "regions" in self.layers:
+            spatial = [m for m in self._maps if m.shape[-2] * m.shape[-1] > 1]
+            if not spatial:
+                raise FeatureError(f"the image encoder of run {self.method.cfg.method} has no spatial feature map")
+            out["regions"] = spatial[-1].flatten(2).transpose(1, 2).float()  # (B, C, h, w) -> (B, h*w, C)
+            self._maps.clear()
+        return {k: out[k] for k in self.layers}
 
 
 def extractor_for(backbone: str, layers: Sequence[str], weights: str | None, seed: int = 0) -> nn.Module:
@@ -90,15 +107,18 @@ def extractor_for(backbone: str, layers: Sequence[str], weights: str | None, see
     for layer in layers:
         check_layer(backbone, layer, LAYERS)
     if backbone == RUN:
-        return RunImageEncoder(weights)
+        return RunImageEncoder(weights, layers)
     return build_extractor(backbone, layers, weights, seed=seed)
 
 
 def shape_for(backbone: str, layer: str, image_size: int, weights: str | None) -> tuple[int, ...]:
-    """``feature_shape``, or ``(embed_dim,)`` of run ``weights``."""
+    """``feature_shape``; for run ``weights``, the shape its encoder gives a blank image of that size."""
     check_layer(backbone, layer, LAYERS)
     if backbone == RUN:
-        return (run_config(weights).model.embed_dim,)
+        run_config(weights)
+        with torch.no_grad():
+            out = RunImageEncoder(weights, [layer])(torch.zeros(1, 3, image_size, image_size))
+        return tuple(out[layer].shape[1:])
     return feature_shape(backbone, layer, image_size)
 
 

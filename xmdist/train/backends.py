@@ -102,7 +102,7 @@ class DeepSpeedBackend:
             model=model.to(env.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.model = self.engine
         self.module = self.engine.module
-        self.world_size = env.world_size
+        self.world_size, self.zero_stage, self.precision = env.world_size, t.zero_stage, t.precision
         if DTYPES[t.precision] is not None:
             # The engine casts parameters to bf16/fp16 but leaves float buffers (BatchNorm
             # running statistics) behind, which the normalisation kernels refuse.
@@ -118,8 +118,15 @@ class DeepSpeedBackend:
         self.engine.backward(loss)
 
     def step(self) -> torch.Tensor:
+        """Step the engine; returns the global grad norm before clipping."""
+        # Without ZeRO and mixed precision, DeepSpeed keeps no norm for a plain torch optimizer:
+        # the gradients, already averaged over ranks by the engine's backward, give it here.
+        own = self.zero_stage == 0 and self.precision == "fp32"
+        grads = [p.grad.detach().float() for p in self.module.parameters() if own and p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
         self.engine.step()  # clips, steps the optimizer and the scheduler, zeroes grads
-        norm = self.engine.get_global_grad_norm()
+        if not own:
+            norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))
 
     def lr(self) -> float:
