@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks (one CUDA device): CUDA/NCCL training paths in every precision,
-# DeepSpeed on CUDA, and VSE++ ResNet-152 step timings at batch 128, 224 px.
+# DeepSpeed on CUDA, VSE++ ResNet-152 step timings at batch 128, 224 px, and a CMFAH step from pixels.
 #   bash launch/gpu_check.sh OUT_DIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +18,7 @@ for prec in bf16 fp32; do
 done
 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee "$out/pytest_gpu.txt"
 python3 -m pytest -q tests/test_metrics.py -k cuda -p no:cacheprovider 2>&1 | tail -3 | tee -a "$out/pytest_gpu.txt"
+# CMFAH from pixels: VGG19 trunk fine-tuned end to end (random weights), regions 7 x 7 x 512, bf16
+python3 launch/bench.py train --config configs/cmfah_synthetic.yaml --set data.shards=/tmp/xm_shards \
+  --set model.image_input=pixels --set model.weights=null --set model.image_size=224 --set train.precision=bf16 \
+  --set data.num_workers=8 --steps 15 --json "$out/bench_cmfah_pixels_bf16.json" 2>&1 | grep -v Warning | tail -30

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from xmdist.config import ConfigError
+from xmdist.methods.base import QueryError
 from xmdist.tools.index import IndexFormatError, load_index, search_rows
 from xmdist.tools.query import encode_captions, encode_images, unknown_words
 from xmdist.tools.runs import RunError, load_run
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         mode = "dot" if index.kind == "embedding" else args.mode
         rows, scores = search_rows(index, query.numpy(), args.k, mode="auto" if mode == "dot" else mode)
         ms = (time.perf_counter() - t0) * 1000
-    except (ConfigError, RunError, IndexFormatError, FileNotFoundError) as e:
+    except (ConfigError, RunError, IndexFormatError, QueryError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = f"d={index.dim}" if index.kind == "embedding" else f"K={index.bits} bits"

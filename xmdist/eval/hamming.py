@@ -79,11 +79,11 @@ class HammingProtocol(Protocol):
         # right after the query split's loader shut down can deadlock the child in CPython 3.11 (a
         # thread of the old loader exiting while fork() runs holds the interpreter's thread-list lock).
         q, db = (encode_split(req.method, req.model, split, req.decoder, req.env, req.batch_size, 0, cap,
-                              req.autocast, post=_codes)
-                 for split, cap in ((req.split, req.max_items), (database, 0)))
+                              req.autocast, post=post)
+                 for split, cap, post in ((req.split, req.max_items, self.query_post), (database, 0, _codes)))
 
         def scored() -> dict:
-            metrics = score(q, db, topk=req.topk, curves=req.curves)
+            metrics = self.score(q, db, req)
             log.info("eval %s -> %s (%d queries, %d items, %d bits) in %.1fs: %s", req.split.name, database.name,
                      len(q["labels"]), len(db["labels"]), q["image"].shape[1], time.time() - t0,
                      format_hashing(metrics))
@@ -91,7 +91,13 @@ class HammingProtocol(Protocol):
 
         metrics = on_main(scored, req.env)
         metrics["database_split"] = database.name
-        return metrics, {"query": q, "db": db}
+        return metrics, {"query": _codes(q), "db": db}
+
+    query_post = staticmethod(_codes)  # what is kept of each query batch (subclasses: real values)
+
+    def score(self, q: dict, db: dict, req: EvalRequest) -> dict:
+        """Metrics of the gathered query outputs against the database codes (rank 0)."""
+        return score(q, db, topk=req.topk, curves=req.curves)
 
     def log(self, req: EvalRequest, metrics: dict, encoded: dict) -> None:
         """Each bit's balance over the database; with curves, the PR and P@K curves."""

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xmdist.config import ConfigError, check
-from xmdist.data.decode import IMAGE_KEYS, FeatureDecoder, decode_npy, normalize_images
-from xmdist.data.info import ShardError, ShardSet, Split
-from xmdist.data.loader import iter_raw_samples
+from xmdist.config import check
+from xmdist.data.decode import FeatureDecoder, decode_npy, normalize_images
+from xmdist.data.info import ShardSet
 from xmdist.dist import gather
 from xmdist.losses.hashing import alpha_for_epoch, djsrh_loss, djsrh_target, hash_codes, sgrn_graph, sgrn_loss
 from xmdist.methods.base import Method, Network
+from xmdist.methods.parts import feature_sample, label_columns
 from xmdist.methods.registry import register
 from xmdist.models.backbones import LAYERS, build_extractor, feature_shape, min_image_size
 from xmdist.models.hashing import HashModel
@@ -89,12 +89,6 @@ class SGRNLossConfig:
             check(0 <= getattr(self, name) <= 1, f"loss.{name}", "must be in [0, 1]")
 
 
-def _first_sample(split: Split) -> dict:
-    for sample in iter_raw_samples(list(split.paths)):
-        return sample
-    raise ShardError(f"split '{split.name}' has no readable sample")
-
-
 class _Hashing(Method):
     """What DJSRH and SGRN share: data, model, evaluation. Subclasses define ``losses``."""
 
@@ -104,32 +98,10 @@ class _Hashing(Method):
 
     def prepare(self, shards: ShardSet, run_dir: Path | None, train: bool = True) -> None:
         """Check the shards hold what the method reads; the model's input sizes come from them."""
-        d, m = self.cfg.data, self.cfg.model
+        m = self.cfg.model
         pixels = m.image_input == "pixels"
-        feature = d.features or shards.info.get("layer")
-        if not feature and not pixels:
-            raise ShardError(f"{shards.root} holds no precomputed image features ({self.cfg.method} trains on "
-                             f"them): write a feature set with launch/extract_features.py, name the member "
-                             f"with data.features, or train on the images with model.image_input=pixels")
-        member = f"{feature}.npy"
-        sample = _first_sample(shards.split(d.train_split))
-        missing = [m for m in ("tags.npy", "labels.npy", "json") if m not in sample]
-        if pixels and not any(k in sample for k in IMAGE_KEYS):
-            missing.append("an image (jpg/png)")
-        elif not pixels and member not in sample:
-            missing.append(member)
-        if missing:
-            raise ShardError(f"{shards.root}: samples have no {', '.join(missing)} (members: "
-                             f"{', '.join(k for k in sample if not k.startswith('__'))})")
-        labels = None
-        if d.labels:
-            names = shards.info.get("label_names")
-            if not names:
-                raise ConfigError(f"data.labels: {shards.root / '_info.json'} names no labels")
-            unknown = [n for n in d.labels if n not in names]
-            if unknown:
-                raise ConfigError(f"data.labels: unknown label(s) {unknown}; known: {names}")
-            labels = [names.index(n) for n in d.labels]
+        member, sample = feature_sample(self.cfg, shards, pixels)
+        labels = label_columns(self.cfg, shards)
         text_dim = decode_npy(sample["tags.npy"]).size
         if pixels:
             image_shape = feature_shape(m.backbone, LAYERS[m.backbone][0], m.image_size)
