@@ -19,38 +19,26 @@ local hash-layer outputs), for:
 - ``djsrh.low_memory``: :func:`~xmdist.losses.hashing.djsrh_target` (local rows, O(n N + n d));
   ``djsrh.dense``: ``djsrh_target_dense`` (N x N) then its first n rows (N <= ``--dense-max``).
 
-Memory: every (N, method) runs in a fresh spawned process, after a small warm-up. On CPU, peak
-resident-set increase over the measured block: the kernel's high-water mark (``VmHWM``) is reset
-to the current RSS by writing 5 to ``/proc/self/clear_refs`` just before the block, and
-``ru_maxrss`` after it minus the RSS before it is the exact peak (no sampling). Where the reset
-is refused, ``ru_maxrss`` minus RSS includes earlier peaks (``"peak_exact": false``). Inputs
-(features, hidden outputs) are allocated before the block and reported separately
-(``inputs_gb``); a real rank holds them too. On CUDA: ``torch.cuda.max_memory_allocated`` over
-the block minus the memory allocated before it.
+Memory: every (N, method) runs in a fresh spawned process, after a small warm-up; the peak over
+the measured block as :mod:`xmdist.benchmarks.memory` measures it. Inputs (features, hidden
+outputs) are allocated before the block and reported separately (``inputs_gb``); a real rank
+holds them too.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 import torch
 
+from xmdist.benchmarks.memory import GB, PeakMemory, in_fresh_process
 from xmdist.losses import hashing
 
-GB = 2**30
 SGRN = dict(tau=0.05, eta=0.4, beta=0.9, lam=0.3, gamma=0.5, mu=1.5)
 DJSRH = dict(beta=0.9, eta=0.4, mu=1.5)
 METHODS = {"sgrn": ("sparse", "dense"), "djsrh": ("low_memory", "dense")}
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _AsIfGathered:
@@ -117,33 +105,13 @@ def _measure(method: str, impl: str, big_n: int, cfg: dict) -> dict:
     _step(method, impl, _inputs(min(2 * n, big_n), cfg, dev, dtype), n, cfg, sync)
     x = _inputs(big_n, cfg, dev, dtype)
     out = {"inputs_gb": sum(t.numel() * t.element_size() for t in x.values()) / GB}
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            out["peak_exact"] = True
-        except OSError:
-            out["peak_exact"] = False
-        base = _rss()
-    target_s, loss_s = _step(method, impl, x, n, cfg, sync)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(dev) - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    with PeakMemory(dev) as peak:
+        target_s, loss_s = _step(method, impl, x, n, cfg, sync)
+    if not cuda:
+        out["peak_exact"] = peak.exact
     out.update({"target_s": target_s, "loss_fwd_bwd_s": loss_s, "total_s": target_s + loss_s,
-                "peak_gb": peak / GB})
+                "peak_gb": peak.gb})
     return out
-
-
-def _in_fresh_process(method: str, impl: str, big_n: int, cfg: dict) -> dict:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        try:
-            return pool.submit(_measure, method, impl, big_n, cfg).result()
-        except Exception as e:  # e.g. the process was killed for memory: report, go on
-            return {"error": f"{type(e).__name__}: {e}"}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -175,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     for big_n in sorted(args.global_batch):
         row = {"N": big_n}
         for method, impls in METHODS.items():
-            row[method] = {impl: _in_fresh_process(method, impl, big_n, cfg)
+            row[method] = {impl: in_fresh_process(_measure, method, impl, big_n, cfg)
                            for impl in impls if impl != "dense" or big_n <= args.dense_max}
         result["rows"].append(row)
     sparse = [(r["N"], r["sgrn"]["sparse"].get("peak_gb")) for r in result["rows"]]

@@ -6,6 +6,8 @@
     # loader: xmdist's shard stream against a per-file PIL Dataset on the same JPEGs
     python launch/bench.py loader --data /tmp/xm_loader_bench --num 20000 --workers 2
     python launch/bench.py metrics --queries 2100 --db 193734 --bits 64 --labels 21 --loop-queries 200
+    # CMFAH's global-batch triplets: sorted prefix sums against the (n, N, N) form, time and peak memory
+    python launch/bench.py triplet --global-batch 1024 4096 16384 65536 --local 256
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from xmdist.benchmarks import graph, loader, metrics, train
+from xmdist.benchmarks import graph, loader, metrics, train, triplet
 
-BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics, "graph": graph}
+BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics, "graph": graph, "triplet": triplet}
 
 
 def main(argv=None) -> int:

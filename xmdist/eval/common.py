@@ -17,11 +17,10 @@ from xmdist.data.info import Split
 from xmdist.dist import DistEnv, on_main
 from xmdist.eval.encode import encode_split as encode_outputs
 from xmdist.eval.protocol import EvalRequest, Protocol, register_protocol
-from xmdist.eval.report import common_report
+from xmdist.eval.report import CURVE_KS, common_report
 from xmdist.metrics import recall_at_k
 
 log = logging.getLogger(__name__)
-CURVE_KS = range(1, 51)
 
 
 class _CaptionModel:
