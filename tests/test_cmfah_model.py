@@ -111,8 +111,9 @@ def test_single_modality_encoders_use_uniform_weights():
 # ---------------------------------------------------------------- shapes, padding, gradients
 
 
-def test_shapes_ranges_and_text_state_at_last_real_word():
-    model, batch = _model(), _batch()
+@pytest.mark.parametrize("readout", ["mean", "last"])
+def test_shapes_ranges_and_text_state_at_last_real_word(readout):
+    model, batch = _model(readout=readout), _batch()
     out = model(batch)
     assert out["fv"].shape == out["ft"].shape == (B, 512)
     assert out["hv"].shape == out["ht"].shape == (B, BITS)
@@ -214,3 +215,25 @@ def test_discriminators():
     assert d_v(f).shape == (5,) and d_v(f).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert d_t(f).dtype == torch.float32
+
+
+@pytest.mark.parametrize("readout", ["mean", "last"])
+def test_readout_by_hand(readout):
+    # F_v, F_t from the LSTMs run by hand on each pair's weighted sequence (text: its real words only)
+    model, batch = _model(readout=readout), _batch()
+    out = model(batch)
+    with torch.no_grad():
+        v = model.regions(batch["regions"])
+        t, _ = model.words(batch["words"], batch["word_mask"])
+        for i, n in enumerate(LENGTHS):
+            seq_v = (out["region_weights"][i, :, None] * M1) * v[i]
+            seq_t = (out["word_weights"][i, :n, None] * n) * t[i, :n]
+            for seq, lstm, f in ((seq_v, model.lstm_v, out["fv"][i]), (seq_t, model.lstm_t, out["ft"][i])):
+                states, _ = lstm(seq[None])
+                want = states[0].mean(0) if readout == "mean" else states[0, -1]
+                torch.testing.assert_close(f, want, atol=1e-5, rtol=1e-5)
+
+
+def test_readout_must_be_known():
+    with pytest.raises(ValueError, match="readout"):
+        _model(readout="max")

@@ -81,16 +81,17 @@ def test_djsrh_target_by_hand():
     torch.testing.assert_close(djsrh_target(eye, eye, eye, eye, **DJSRH), expected)
 
 
+@pytest.mark.parametrize("target", ["v1", "v2"])
 @pytest.mark.parametrize("ablation", list(ABLATIONS))
 @pytest.mark.parametrize("sizes", [[20], [10, 10], [5, 15], [7, 6, 7]])
-def test_sgrn_graph_rows_match_dense(sizes, ablation):
+def test_sgrn_graph_rows_match_dense(sizes, ablation, target):
     fi, ft = _features(20, seed=1)
-    kw = {**SGRN, **ABLATIONS[ablation]}
+    kw = {**SGRN, **ABLATIONS[ablation], "target": target}
     ref = sgrn_graph_dense(fi, ft, **kw)
     graphs = _simulate(lambda sl, gather_rows: sgrn_graph(
         fi[sl], ft[sl], fi, ft, sl.start, **kw, gather_rows=gather_rows), sizes)
     for sl, graph in zip(_split(sizes), graphs):
-        for name in ("S", "S_I", "S_T"):
+        for name in ("S", "S_I", "S_T", "T_I", "T_T"):
             torch.testing.assert_close(getattr(graph, name), getattr(ref, name)[sl], rtol=1e-12, atol=1e-12)
 
 
@@ -107,9 +108,18 @@ def test_sgrn_knn_symmetrisation_and_gate_by_hand():
     kw = dict(k=2, tau=0.05, eta=0.0, beta=1.0, lam=0.0, gamma=0.5, mu=1.5, enhance=False)
     a = torch.tensor([[1, cos(30), 0, 0], [cos(30), 1, cos(20), 0],
                       [0, cos(20), 1, cos(100)], [0, 0, cos(100), 1]], dtype=torch.float64)
-    plain = sgrn_graph(f, f, f, f, 0, **kw, gate=False)
+    plain = sgrn_graph(f, f, f, f, 0, **kw, gate=False, target="v1")
     torch.testing.assert_close(plain.S_I, a)                      # eta = 0, no gate: S_I = A
     torch.testing.assert_close(plain.S, 1.5 * (2 * a - 1))        # beta = 1, lam = 0, W = 1
+    torch.testing.assert_close(plain.T_I, 2 * a - 1)
+    # v2: on the graph A = C, so max(2C - 1, 2A - 1) = 2C - 1; off it max(2C - 1, -1): pairs
+    # off the graph keep the dense similarity where it is above -1 (cos > 0), instead of -1
+    d = 2 * (f @ f.t()) - 1
+    expected = torch.where(a != 0, d, d.clamp_min(-1))
+    v2 = sgrn_graph(f, f, f, f, 0, **kw, gate=False)
+    torch.testing.assert_close(v2.S, 1.5 * expected)
+    torch.testing.assert_close(v2.T_I, expected)
+    assert plain.S[0, 2] == -1.5 and v2.S[0, 2] == pytest.approx(1.5 * (2 * cos(50) - 1))
     theta = torch.tensor([1 + cos(30), 1 + cos(20), 1 + cos(20), 1 + cos(100)], dtype=torch.float64) / 2
     gated = sgrn_graph(f, f, f, f, 0, **kw).S_I
     gate = torch.sigmoid((a - theta[:, None]) / 0.05)             # theta of the ROW: not symmetric
@@ -149,7 +159,34 @@ def test_sgrn_loss_terms():
     torch.testing.assert_close(out["loss"], out["inter"] + 0.1 * out["intra"])
     out = sgrn_loss(hi, ht, hi, ht, bi, bt, bi, bt, graph, rho=0.5)
     torch.testing.assert_close(out["intra"], mse(cos(bi, bi), graph.S) + mse(cos(bt, bt), graph.S)
-                               + 0.5 * (mse(cos(hi, hi), 2 * graph.S_I - 1) + mse(cos(ht, ht), 2 * graph.S_T - 1)))
+                               + 0.5 * (mse(cos(hi, hi), graph.T_I) + mse(cos(ht, ht), graph.T_T)))
+
+
+def test_sgrn_v2_targets_raise_the_dense_base_on_the_graph_only():
+    fi, ft = _features(16, seed=5)
+    kw = {**SGRN, "k": 4}
+    v1, v2 = sgrn_graph_dense(fi, ft, **kw, target="v1"), sgrn_graph_dense(fi, ft, **kw)
+    cos = lambda a: F.normalize(a, dim=1) @ F.normalize(a, dim=1).t()  # noqa: E731
+    d_i, d_t = 2 * cos(fi).fill_diagonal_(1) - 1, 2 * cos(ft).fill_diagonal_(1) - 1
+    d = kw["beta"] * d_i + (1 - kw["beta"]) * d_t
+    torch.testing.assert_close(v1.T_I, 2 * v1.S_I - 1)
+    torch.testing.assert_close(v2.T_I, torch.maximum(d_i, 2 * v1.S_I - 1))
+    torch.testing.assert_close(v2.T_T, torch.maximum(d_t, 2 * v1.S_T - 1))
+    joint = v1.S / (kw["mu"] * (1 + kw["gamma"] * _gates(fi, ft, kw)))  # v1: mu W (2Q - 1)
+    raised = torch.maximum(d, joint)
+    w = v2.S / (kw["mu"] * raised)
+    assert w.min() >= 1 - 1e-9 and w.max() <= 1 + kw["gamma"] + 1e-9
+    off = (v1.S_I == 0) & (v1.S_T == 0) & (joint <= d)  # off both graphs: the dense base, W = 1
+    assert off.any()
+    torch.testing.assert_close(v2.S[off], kw["mu"] * d[off])
+
+
+def _gates(fi, ft, kw):
+    """M_I * M_T of the dense reference (what W multiplies by gamma)."""
+    from xmdist.losses.hashing import _dense_modality
+    m_i = _dense_modality(fi, kw["k"], kw["tau"], kw["eta"], True)[1]
+    m_t = _dense_modality(ft, kw["k"], kw["tau"], kw["eta"], True)[1]
+    return m_i * m_t
 
 
 # ----------------------------------------------------------------------------- distributed parity

@@ -1,14 +1,19 @@
-"""Train DJSRH and SGRN at several code lengths (and SGRN's ablations) and tabulate test mAP.
+"""Train the hashing methods at several code lengths over several seeds (and their ablations),
+tabulate test mAP as mean ± std, and record every row in RESULTS.json.
 
-    python launch/hashing_table.py --out runs/hashing                  # 2 x 4 bit rows + 4 ablations
-    python launch/hashing_table.py --out runs/hashing --bits 16,64 --ablations none --set train.epochs=2
+    python launch/hashing_table.py --out runs/hashing --seeds 0 1 2          # DJSRH, SGRN, CMFAH + ablations
+    python launch/hashing_table.py --out runs/hashing --methods sgrn --bits 16,64 --ablations none \\
+        --seeds 0 --set train.epochs=2 --results none
 
-Rows: ``configs/{djsrh,sgrn}_synthetic.yaml`` at each ``--bits``, then the SGRN ablations
-``configs/sgrn_ablation_<row>.yaml`` (64 bits, one component off: ``nogate`` G = A, ``now``
-W = 1, ``rho0`` no real-valued terms, ``eta0`` no neighbour coherence). Each row trains into ``OUT/<row>`` with torchrun (finished
-rows are reused: their eval.json is read). The table (mAP@all and mAP@50 of the test queries
-against the training set as database, beside the chance level: the fraction of relevant pairs,
-which is the mAP of a random ranking) goes to ``OUT/hashing.md`` and the console.
+Rows: ``configs/{method}_synthetic.yaml`` at each ``--bits``; then the 64-bit ablations,
+``configs/sgrn_ablation_<name>.yaml`` (``nogate`` G = A, ``now`` W = 1, ``rho0`` no real-valued
+terms, ``eta0`` no neighbour coherence, ``v1`` the v1 graph targets) and
+``configs/cmfah_ablation_<name>.yaml`` (``ca``, ``ia``, ``ta``; ``walks`` random-walk words), for
+the methods asked for. Seed ``s`` of a row trains into ``OUT/<row>/seed<s>`` with
+``train.seed=s``; finished runs are read, not re-run (an interrupted table resumes). The table
+(mAP@all and mAP@50 of the test queries against the training set as database, beside the chance
+level: the fraction of relevant pairs, the mAP of a random ranking) goes to ``OUT/hashing.md`` and
+the console; the rows replace their entries in ``--results``.
 """
 from __future__ import annotations
 
@@ -16,34 +21,60 @@ import argparse
 import sys
 from pathlib import Path
 
-from xmdist.tools.tables import ABLATION_NAMES, hashing_table, run_row
+from xmdist.tools.tables import (ABLATION_NAMES, CMFAH_ABLATIONS, ROOT, Row, hashing_table, result_entry,
+                                 run_rows, update_results_json)
+
+ABLATIONS = {"sgrn": ("sgrn_ablation", ABLATION_NAMES, "nogate,now,rho0,eta0,v1"),
+             "cmfah": ("cmfah_ablation", CMFAH_ABLATIONS, "ca,ia,ta")}
+
+
+def table_rows(methods: list[str], bits: list[int], ablations: str, overrides: list[str]) -> list[Row]:
+    rows = [Row("hashing", m, "full", f"{m}_synthetic", (f"model.bits={b}", *overrides), bits=b)
+            for m in methods for b in bits]
+    for m in methods:
+        if m not in ABLATIONS or ablations == "none":
+            continue
+        table, names, default = ABLATIONS[m]
+        wanted = default if ablations == "default" else ablations
+        for name in wanted.split(","):
+            if name not in names:
+                continue  # another method's ablation
+            rows.append(Row(table, m, f"{m}_ablation_{name}", f"{m}_ablation_{name}", tuple(overrides),
+                            bits=64, label=names[name], key=f"{m}64_{name}"))
+    return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory of the runs and hashing.md")
     p.add_argument("--bits", default="16,32,64,128")
-    p.add_argument("--methods", default="djsrh,sgrn")
-    p.add_argument("--ablations", default=",".join(ABLATION_NAMES), help="comma-separated, or 'none'")
+    p.add_argument("--methods", default="djsrh,sgrn,cmfah")
+    p.add_argument("--ablations", default="default",
+                   help="comma-separated names (" + ", ".join([*ABLATION_NAMES, *CMFAH_ABLATIONS])
+                        + "), 'default' (every one but walks) or 'none'")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--results", default=str(ROOT / "RESULTS.json"), help="RESULTS.json to update, or 'none'")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every row's train.py")
     a = p.parse_args(argv)
+    methods = a.methods.split(",")
+    unknown = [m for m in methods if m not in ("djsrh", "sgrn", "cmfah")]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; known: djsrh, sgrn, cmfah")
+    known = {*ABLATION_NAMES, *CMFAH_ABLATIONS}
+    if a.ablations not in ("default", "none") and not set(a.ablations.split(",")) <= known:
+        p.error(f"unknown ablation(s) {sorted(set(a.ablations.split(',')) - known)}; known: {', '.join(sorted(known))}")
+    rows = table_rows(methods, [int(b) for b in a.bits.split(",")], a.ablations, a.overrides)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, tuple[str, dict]] = {}
-    for method in a.methods.split(","):
-        for bits in map(int, a.bits.split(",")):
-            name = f"{method}{bits}"
-            sets = [f"model.bits={bits}", *a.overrides]
-            rows[name] = (method.upper(), run_row(name, out, a.nproc, sets, f"{method}_synthetic"))
-    ablations = [] if a.ablations == "none" else a.ablations.split(",")
-    for abl in ablations:
-        name = f"sgrn64_{abl}"
-        rows[name] = (ABLATION_NAMES[abl], run_row(name, out, a.nproc, a.overrides, f"sgrn_ablation_{abl}"))
-    text = hashing_table(rows)
+    results = run_rows(rows, a.seeds, out, a.nproc)
+    text = hashing_table(rows, results)
     (out / "hashing.md").write_text(text)
     print(text)
+    if a.results != "none":
+        update_results_json(Path(a.results), [result_entry(r, results[r.key], a.nproc) for r in rows])
+        print(f"updated {a.results} ({len(rows)} rows)")
     return 0
 
 

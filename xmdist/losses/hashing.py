@@ -104,10 +104,13 @@ def djsrh_loss(bi: Tensor, bt: Tensor, bi_all: Tensor, bt_all: Tensor, target: T
 @dataclass
 class SGRNGraph:
     """SGRN targets for this rank's rows, all (n, N): ``S`` the joint target of the losses,
-    ``S_I``/``S_T`` the intra-modal graphs ``(1 - eta) G_x + eta R_x`` (L_intra's ``2 S_x - 1``)."""
+    ``S_I``/``S_T`` the intra-modal graphs ``P_x = (1 - eta) G_x + eta R_x``, ``T_I``/``T_T``
+    the targets of L_intra's real-valued terms (v1 ``2 P_x - 1``, v2 ``max(D_x, 2 P_x - 1)``)."""
     S: Tensor
     S_I: Tensor
     S_T: Tensor
+    T_I: Tensor
+    T_T: Tensor
 
 
 @dataclass
@@ -119,6 +122,7 @@ class _Modality:
     Ut: Tensor
     M: Tensor
     S: Tensor
+    C: Tensor
 
 
 def _csr(rows: Tensor, cols: Tensor, vals: Tensor, size: int) -> Tensor:
@@ -179,7 +183,7 @@ def _modality(f: Tensor, f_all: Tensor, offset: int, k: int, tau: float, eta: fl
     if eta:
         s += eta * _times_t(_dense_rows(u_sp, offset, n), u_sp)   # local rows of R = U U^T
     return _Modality(G=g_sp, U=u_sp, Ut=_csr(rows, cols, u[transposed], big_n),
-                     M=torch.sigmoid((c - theta[:, None]) / tau), S=s)
+                     M=torch.sigmoid((c - theta[:, None]) / tau), S=s, C=c)
 
 
 def _times_s_t(x: Tensor, m: _Modality, eta: float) -> Tensor:
@@ -204,9 +208,10 @@ def _symmetric_cos(mi: _Modality, mt: _Modality, eta: float,
 @torch.no_grad()
 def sgrn_graph(fi: Tensor, ft: Tensor, fi_all: Tensor, ft_all: Tensor, offset: int, k: int,
                tau: float, eta: float, beta: float, lam: float, gamma: float, mu: float,
-               gate: bool = True, enhance: bool = True, *,
+               gate: bool = True, enhance: bool = True, target: str = "v2", *,
                gather_rows: Callable[[Tensor], Tensor] = lambda x: x) -> SGRNGraph:
-    """SGRN's targets (METHODS 2.2 proposal, steps 1-4) for this rank's rows.
+    """SGRN's targets (METHODS 2.2: proposal steps 1-4, ``target="v1"``, or the revision v2,
+    the default) for this rank's rows.
 
     Per modality: ``C = cos(F, F)`` with the diagonal exactly 1; k-NN lists where a node is
     always its own first neighbour (``C[i,i] = 1``) plus its ``k - 1`` most similar other nodes
@@ -217,24 +222,56 @@ def sgrn_graph(fi: Tensor, ft: Tensor, fi_all: Tensor, ft_all: Tensor, offset: i
     ``S* = 2((1 - lam)(beta S_I + (1 - beta) S_T) + lam (cos(S_I,S_T) + cos(S_I,S_T)^T) / 2) - 1``,
     ``S = mu W S*`` with ``W = 1 + gamma M_I M_T`` (``enhance=False``: ``W = 1``).
 
+    v2: the graph only raises the dense DJSRH-style similarity of strong neighbours. With
+    ``D_x = 2 C_x - 1``, ``D = beta D_I + (1 - beta) D_T`` and ``Q`` the joint graph affinity
+    (``S*`` above before ``2 . - 1``): ``S = mu W max(D, 2 Q - 1)`` where ``W = 1 + gamma M_I M_T``
+    only on graph pairs (an edge of either modality's k-NN graph) and 1 elsewhere; the intra
+    targets are ``T_x = max(D_x, 2 P_x - 1)`` (v1: ``2 P_x - 1``).
+
     ``gather_rows`` all-gathers per-row tensors (k-NN lists, theta, row norms) in rank order
     (:func:`xmdist.dist.gather` under several processes); the default, the identity, is one process.
     """
     if not 1 <= k <= fi_all.shape[0]:
         raise ValueError(f"k must be in 1..N={fi_all.shape[0]} (self included), got {k}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     mi = _modality(fi, fi_all, offset, k, tau, eta, gate, gather_rows)
     mt = _modality(ft, ft_all, offset, k, tau, eta, gate, gather_rows)
     s = (1 - lam) * (beta * mi.S + (1 - beta) * mt.S)
     if lam:
         s += lam * _symmetric_cos(mi, mt, eta, gather_rows)
-    s = 2 * s - 1
-    if enhance:
-        s *= 1 + gamma * mi.M * mt.M
-    return SGRNGraph(S=mu * s, S_I=mi.S, S_T=mt.S)
+    on_graph = None
+    if target == "v2":
+        n = fi.shape[0]
+        on_graph = (_dense_rows(mi.G, offset, n) != 0) | (_dense_rows(mt.G, offset, n) != 0)
+    return _joint(s, mi.S, mt.S, mi.C, mt.C, mi.M, mt.M, on_graph, beta, gamma, mu, enhance, target)
 
 
-def _dense_modality(f: Tensor, k: int, tau: float, eta: float, gate: bool) -> tuple[Tensor, Tensor]:
-    """Reference LRGR on all N rows: ``(S_x, M_x)``, both (N, N)."""
+TARGETS = ("v1", "v2")
+
+
+def _joint(q: Tensor, p_i: Tensor, p_t: Tensor, c_i: Tensor, c_t: Tensor, m_i: Tensor, m_t: Tensor,
+           on_graph: Tensor | None, beta: float, gamma: float, mu: float, enhance: bool,
+           target: str) -> SGRNGraph:
+    """The targets from the joint affinity ``q``, the intra graphs ``p_x``, cosines ``c_x`` and
+    gates ``m_x`` (all (n, N) rows): v1 ``S = mu W (2 q - 1)``, intra ``2 p_x - 1``; v2 as
+    :func:`sgrn_graph` says (``on_graph`` the pairs W applies to)."""
+    s, t_i, t_t = 2 * q - 1, 2 * p_i - 1, 2 * p_t - 1
+    w = 1 + gamma * m_i * m_t if enhance else None
+    if target == "v2":
+        d_i, d_t = 2 * c_i - 1, 2 * c_t - 1
+        s = torch.maximum(beta * d_i + (1 - beta) * d_t, s)
+        t_i, t_t = torch.maximum(d_i, t_i), torch.maximum(d_t, t_t)
+        if w is not None:
+            w = torch.where(on_graph, w, 1.0)
+    if w is not None:
+        s = s * w
+    return SGRNGraph(S=mu * s, S_I=p_i, S_T=p_t, T_I=t_i, T_T=t_t)
+
+
+def _dense_modality(f: Tensor, k: int, tau: float, eta: float,
+                    gate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference LRGR on all N rows: ``(P_x, M_x, C_x, graph pattern)``, all (N, N)."""
     c = _cos(f, f).fill_diagonal_(1.0)
     top = c.clone().fill_diagonal_(float("-inf")).topk(k - 1, dim=1)
     knn = torch.eye(len(f), dtype=torch.bool, device=f.device).scatter_(1, top.indices, True)
@@ -243,21 +280,20 @@ def _dense_modality(f: Tensor, k: int, tau: float, eta: float, gate: bool) -> tu
     m = torch.sigmoid((c - theta[:, None]) / tau)
     g = m * a if gate else a
     p = g / g.abs().sum(dim=1, keepdim=True)                     # rownorm1
-    return (1 - eta) * g + eta * _cos(p, p), m
+    return (1 - eta) * g + eta * _cos(p, p), m, c, knn | knn.t()
 
 
 @torch.no_grad()
 def sgrn_graph_dense(fi: Tensor, ft: Tensor, k: int, tau: float, eta: float, beta: float,
                      lam: float, gamma: float, mu: float, gate: bool = True,
-                     enhance: bool = True) -> SGRNGraph:
+                     enhance: bool = True, target: str = "v2") -> SGRNGraph:
     """Reference: :func:`sgrn_graph` for all N rows of ``fi`` (N, d_i), ``ft`` (N, d_t), with
     every matrix dense (N, N). Single process; O(N^2) memory, O(N^3) time."""
-    s_i, m_i = _dense_modality(fi, k, tau, eta, gate)
-    s_t, m_t = _dense_modality(ft, k, tau, eta, gate)
+    s_i, m_i, c_i, on_i = _dense_modality(fi, k, tau, eta, gate)
+    s_t, m_t, c_t, on_t = _dense_modality(ft, k, tau, eta, gate)
     s_it = _cos(s_i, s_t)
-    s = 2 * ((1 - lam) * (beta * s_i + (1 - beta) * s_t) + lam * (s_it + s_it.t()) / 2) - 1
-    w = 1 + gamma * m_i * m_t if enhance else 1.0
-    return SGRNGraph(S=mu * w * s, S_I=s_i, S_T=s_t)
+    q = (1 - lam) * (beta * s_i + (1 - beta) * s_t) + lam * (s_it + s_it.t()) / 2
+    return _joint(q, s_i, s_t, c_i, c_t, m_i, m_t, on_i | on_t, beta, gamma, mu, enhance, target)
 
 
 # ----------------------------------------------------------------------------- SGRN loss
@@ -267,7 +303,7 @@ def sgrn_loss(hi: Tensor, ht: Tensor, hi_all: Tensor, ht_all: Tensor, bi: Tensor
     """This rank's share of SGRN's loss (METHODS 2.2 step 5) for ``graph``'s local rows.
 
     ``inter = mse(cos(B_I,B_T),S) + rho/2 (mse(cos(H_I,B_T),S) + mse(cos(B_I,H_T),S))``;
-    ``intra = sum_x mse(cos(B_x,B_x),S) + rho mse(cos(H_x,H_x), 2 S_x - 1)``;
+    ``intra = sum_x mse(cos(B_x,B_x),S) + rho mse(cos(H_x,H_x), T_x)`` (v1: T_x = 2 S_x - 1);
     ``loss = inter + intra_weight * intra``. Rows of each cosine matrix are local (n, K),
     columns gathered (N, K).
     """
@@ -275,5 +311,5 @@ def sgrn_loss(hi: Tensor, ht: Tensor, hi_all: Tensor, ht_all: Tensor, bi: Tensor
     inter = _mse(_cos(bi, bt_all), s, big_n) + rho / 2 * (
         _mse(_cos(hi, bt_all), s, big_n) + _mse(_cos(bi, ht_all), s, big_n))
     intra = _mse(_cos(bi, bi_all), s, big_n) + _mse(_cos(bt, bt_all), s, big_n) + rho * (
-        _mse(_cos(hi, hi_all), 2 * graph.S_I - 1, big_n) + _mse(_cos(ht, ht_all), 2 * graph.S_T - 1, big_n))
+        _mse(_cos(hi, hi_all), graph.T_I, big_n) + _mse(_cos(ht, ht_all), graph.T_T, big_n))
     return {"inter": inter, "intra": intra, "loss": inter + intra_weight * intra}

@@ -36,7 +36,7 @@ from xmdist.methods.base import Method, Network, Phase, QueryError
 from xmdist.methods.parts import discriminator_optim, feature_sample, frozen, label_columns, share
 from xmdist.methods.registry import register
 from xmdist.models.backbones import build_extractor, feature_shape
-from xmdist.models.cmfah import ATTENTION, CMFAHModel, ModalityDiscriminator
+from xmdist.models.cmfah import ATTENTION, READOUTS, CMFAHModel, ModalityDiscriminator
 
 
 @dataclass
@@ -48,6 +48,9 @@ class CMFAHModelConfig:
     text_channels: int = 256  # TextCNN channels per width
     attention: Literal["co", "none", "image", "text"] = "co"  # none: -ca, image: -ia, text: -ta
     eval_attention: Literal["paired", "single"] = "paired"  # single: each modality encoded alone
+    # F_v, F_t: the mean of each LSTM's states (default) or its last state ("last"; RESULTS.md:
+    # over 64 region steps it learns slowly, level with the unsupervised methods at the synthetic budget)
+    readout: Literal["mean", "last"] = "mean"
     max_words: int = 30  # own tags, then expansion words
     freeze_words: bool = True  # the SkipGram vectors stay fixed
     disc_hidden: list[int] = field(default_factory=lambda: [256, 128])
@@ -73,6 +76,7 @@ class CMFAHModelConfig:
         check(bool(self.text_widths) and all(w >= 1 for w in self.text_widths), "model.text_widths",
               "must be a non-empty list of widths >= 1")
         check(self.attention in ATTENTION, "model.attention", f"must be one of {ATTENTION}")
+        check(self.readout in READOUTS, "model.readout", f"must be one of {READOUTS}")
         check(self.corpus is None or Path(self.corpus).is_file(), "model.corpus", f"{self.corpus} does not exist")
         if self.image_input == "pixels":
             check(self.backbone in ("vgg16", "vgg19"), "model.backbone", "pixels: vgg16 or vgg19 (pool5 regions)")
@@ -176,7 +180,7 @@ class CMFAH(Method):
         model = CMFAHModel(torch.as_tensor(self.vectors, dtype=torch.float32), m.bits,
                            region_dim=self.region_shape[-1], dim=m.dim, feature_dim=m.feature_dim,
                            widths=tuple(m.text_widths), text_channels=m.text_channels, attention=m.attention,
-                           freeze_words=m.freeze_words, trunk=trunk)
+                           freeze_words=m.freeze_words, trunk=trunk, readout=m.readout)
         disc = lambda: ModalityDiscriminator(m.feature_dim, tuple(m.disc_hidden))  # noqa: E731
         return {"model": Network(model, self.cfg.optim), "d_v": Network(disc(), c.d_optim),
                 "d_t": Network(disc(), c.d_optim)}

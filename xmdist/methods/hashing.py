@@ -81,6 +81,9 @@ class SGRNLossConfig:
     intra_weight: float = 0.1
     gate: bool = True  # LRGR gating (False: ablation, G = A)
     enhance: bool = True  # GRGR enhanced weights (False: ablation, W = 1)
+    # v2: the graph only raises the dense DJSRH-style targets of strong neighbours; v1: the
+    # proposal's formulas, where every pair off the k-NN graph gets the target -1 (METHODS.md 2.2)
+    graph_target: Literal["v1", "v2"] = "v2"
 
     def validate(self) -> None:
         check(0 < self.knn <= 1, "loss.knn", "must be in (0, 1]")
@@ -168,6 +171,6 @@ class SGRN(_Hashing):
         k = max(1, round(c.knn * big_n))
         graph = sgrn_graph(g["fi"], g["ft"], g["fi_all"], g["ft_all"], self.env.rank * len(g["fi"]), k, c.tau,
                            c.eta, c.beta, c.lam, c.gamma, c.mu, gate=c.gate, enhance=c.enhance,
-                           gather_rows=gather)
+                           target=c.graph_target, gather_rows=gather)
         return sgrn_loss(g["hi"], g["ht"], g["hi_all"], g["ht_all"], g["bi"], g["bt"], g["bi_all"], g["bt_all"],
                          graph, c.rho, c.intra_weight)

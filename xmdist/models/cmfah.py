@@ -15,8 +15,12 @@ LSTM width ``d_f``, ``K`` bits.
   exactly 0). ``attention``: ``co`` (both), ``none`` (-ca: uniform 1/m1 and 1/n_words),
   ``image`` (-ia: only a from the words, b uniform), ``text`` (-ta: only b from the regions, a
   uniform). Encoding one modality alone (a query) gives uniform weights on that side.
-* ``F_v``, ``F_t``: last hidden state of one LSTM per modality over ``a_i v_i`` / ``b_k t_k``
-  (text: at the last real word); ``H = tanh(Linear(F, K))``; codes are ``sign(H)``.
+* ``F_v``, ``F_t``: one LSTM per modality over ``a_i v_i`` / ``b_k t_k``, read out as the mean
+  of its hidden states over the sequence (``readout="mean"``, text: over the real words) or as
+  its last hidden state (``"last"``, text: at the last real word); ``H = tanh(Linear(F, K))``;
+  codes are ``sign(H)``. The last state of a 49-64 step region sequence learns slowly (measured
+  in RESULTS.md: level with the unsupervised methods after the synthetic budget); the mean gives
+  every region a direct gradient path.
 
 Word masks must be prefixes (real words first, padding after) with at least one real word;
 anything else raises ValueError. :class:`ModalityDiscriminator` (D_v, D_t) is a separate
@@ -25,17 +29,19 @@ softmaxes are computed in float32.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from xmdist.data.decode import normalize_images
 
 Tensor = torch.Tensor
 ATTENTION = ("co", "none", "image", "text")
+READOUTS = ("mean", "last")
 
 
 def co_attention(v: Tensor, t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,6 +54,13 @@ def co_attention(v: Tensor, t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         a = c.sum(2).softmax(1)
         b = c.sum(1).masked_fill(~mask, float("-inf")).softmax(1)
     return a, b
+
+
+def _cpu_lstm_in_fp32(x: Tensor):
+    """Autocast off for an LSTM on the CPU: oneDNN has no bf16 LSTM kernel on CPUs without
+    AVX-512 BF16 ("could not create a primitive descriptor"), so CPU runs keep it in float32
+    (its inputs here are float32); on GPUs the LSTM runs under autocast."""
+    return torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else contextlib.nullcontext()
 
 
 def uniform_region_weights(v: Tensor) -> Tensor:
@@ -105,10 +118,13 @@ class CMFAHModel(nn.Module):
     def __init__(self, word_vectors: Tensor, bits: int, region_dim: int = 512, dim: int = 512,
                  feature_dim: int = 512, widths: Sequence[int] = (1, 2, 3), text_channels: int = 256,
                  attention: str = "co", freeze_words: bool = True, trunk: nn.Module | None = None,
-                 length_scaled: bool = True):
+                 length_scaled: bool = True, readout: str = "mean"):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+        self.readout = readout
         table = torch.as_tensor(word_vectors, dtype=torch.float32)
         self.attention, self.bits, self.trunk = attention, bits, trunk
         # attention weights sum to 1, so a_i v_i is 1/m1 of a region: scaled by the sequence length
@@ -157,19 +173,26 @@ class CMFAHModel(nn.Module):
         return a, b
 
     def _image_feature(self, v: Tensor, a: Tensor) -> Tensor:
-        """(B, m1, d), (B, m1) -> F_v (B, d_f): the LSTM's last state over a_i v_i."""
+        """(B, m1, d), (B, m1) -> F_v (B, d_f): the LSTM over a_i v_i, read out (``readout``)."""
         a = a * v.shape[1] if self.length_scaled else a
         seq = (a[..., None] * v.float()).to(self.lstm_v.weight_ih_l0.dtype)
-        _, (h, _) = self.lstm_v(seq)
-        return h[-1]
+        with _cpu_lstm_in_fp32(seq):
+            states, (h, _) = self.lstm_v(seq)
+        return states.mean(1) if self.readout == "mean" else h[-1]
 
     def _text_feature(self, t: Tensor, b: Tensor, lengths: Tensor) -> Tensor:
-        """(B, m2, d), (B, m2), (B,) -> F_t (B, d_f): the LSTM's state at the last real word."""
+        """(B, m2, d), (B, m2), (B,) -> F_t (B, d_f): the LSTM over the real words, read out
+        (``readout``: the mean of its states, or the state at the last real word)."""
         b = b * lengths.to(b.device, b.dtype)[:, None] if self.length_scaled else b
         seq = (b[..., None] * t.float()).to(self.lstm_t.weight_ih_l0.dtype)
         packed = pack_padded_sequence(seq, lengths, batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.lstm_t(packed)  # h comes back in the batch's order
-        return h[-1]
+        with _cpu_lstm_in_fp32(seq):
+            states, (h, _) = self.lstm_t(packed)  # h comes back in the batch's order
+        if self.readout == "last":
+            return h[-1]
+        # padded positions come back as zeros: their sum over the real words / the count
+        states, _ = pad_packed_sequence(states, batch_first=True)
+        return states.sum(1) / lengths.to(states.device, states.dtype)[:, None]
 
     # ------------------------------------------------------------ public encoders
 

@@ -1,66 +1,180 @@
-"""Train table rows with torchrun and build the markdown tables of their test scores (what
-``launch/ablate.py`` and ``launch/hashing_table.py`` run).
+"""Train table rows over several seeds with torchrun, tabulate mean +- std, and keep RESULTS.json
+(what ``launch/ablate.py`` and ``launch/hashing_table.py`` run).
 
-    r = run_row("base", Path("runs/ablation"), nproc=2, overrides=["train.epochs=2"])
-    print(mfsr_table({"base": r}))
+    rows = [Row("hashing", "sgrn", "full", "sgrn_synthetic", ["model.bits=16"], bits=16)]
+    results = run_rows(rows, seeds=[0, 1, 2], out=Path("runs/hashing"), nproc=2)
+    print(hashing_table(rows, results))
+    update_results_json(Path("RESULTS.json"), [result_entry(r, results[r.key], 2) for r in rows])
 
-A row is ``configs/<config>.yaml`` of the repository trained into ``OUT/<row>`` by
-``python -m xmdist.cli.train``; a row whose run directory already has an eval.json is reused.
+A row is ``configs/<config>.yaml`` of the repository with its overrides; seed ``s`` of it trains
+into ``OUT/<row key>/seed<s>`` with ``--set train.seed=s`` (the model's initialisation, the data
+order and every seeded draw of the run: semantic expansion walks, SkipGram). The splits are those
+of the shard set, the same for every seed. A run directory that already holds an eval.json is
+finished and is read, not re-run, so an interrupted table resumes where it stopped.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
+
+from xmdist.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/), for the editable install
 ROWS = {"base": "VSE++ base (L_se only)", "mosp": "+ mo & sp", "imgre": "+ mo & sp + img-re",
         "capre": "+ mo & sp + cap-re", "all": "all (mo, sp, img-re, cap-re)"}
 ABLATION_NAMES = {"nogate": "SGRN without LRGR gate (G = A)", "now": "SGRN with W = 1 (no enhanced weight)",
-                  "rho0": "SGRN with rho = 0 (no real-valued terms)", "eta0": "SGRN with eta = 0 (no coherence)"}
+                  "rho0": "SGRN with rho = 0 (no real-valued terms)", "eta0": "SGRN with eta = 0 (no coherence)",
+                  "v1": "SGRN with the v1 graph targets (off-graph pairs -1)"}
+CMFAH_ABLATIONS = {"ca": "CMFAH -ca (no co-attention)", "ia": "CMFAH -ia (no image attention)",
+                   "ta": "CMFAH -ta (no text attention)", "walks": "CMFAH + random-walk words"}
 COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+HASH_COLUMNS = ("map_i2t", "map_t2i", "map50_window_i2t", "map50_window_t2i")
 
 
-def run_row(row: str, out: Path, nproc: int, overrides: list[str], config: str | None = None) -> dict:
-    """Train ``configs/<config>.yaml`` (default ``mfsr_ablation_<row>``) into ``OUT/<row>``
-    unless it already has an eval.json; its eval.json plus ``wall_s``."""
-    run_dir = out / row
-    if not (run_dir / "eval.json").exists():
-        sets = [a for o in overrides for a in ("--set", o)]
-        config = config or f"mfsr_ablation_{row}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "xmdist.cli.train", "--config", str(ROOT / f"configs/{config}.yaml"),
-               "--out", str(run_dir), *sets]
-        t0 = time.time()
-        print(f"== {row}: {config} {' '.join(overrides)}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc))})
-        (run_dir / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
-    result = json.loads((run_dir / "eval.json").read_text())
-    wall = run_dir / "wall_s.txt"
-    result["wall_s"] = float(wall.read_text()) if wall.exists() else float("nan")
-    return result
+@dataclass(frozen=True)
+class Row:
+    """One table row: ``configs/<config>.yaml`` with ``overrides``; ``key`` names its directory."""
+    table: str  # "mfsr_ablation" | "hashing" | "cmfah_ablation" | "sgrn_ablation"
+    method: str
+    row: str  # "full" for a method with its default config, else the ablation config's name
+    config: str
+    overrides: tuple[str, ...] = ()
+    bits: int | None = None
+    label: str = ""
+    key: str = field(default="")
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", self.row if self.bits is None else f"{self.method}{self.bits}"
+                               if self.row == "full" else f"{self.row}{self.bits}")
 
 
-def mfsr_table(results: dict[str, dict]) -> str:
-    """Markdown table of mFSR rows (``ROWS`` names -> :func:`run_row` results): R@1/5/10 both
-    directions, rsum, steps and wall time."""
-    head = "| row | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | steps | wall |\n"
-    head += "| --- | " + " | ".join(["---:"] * 9) + " |\n"
-    lines = [f"| {ROWS[row]} | " + " | ".join(f"{r[c]:.1f}" for c in COLUMNS)
-             + f" | {r['step']} | {r['wall_s'] / 60:.1f} min |" for row, r in results.items()]
+def torchrun(config: Path, run_dir: Path, overrides: Sequence[str], nproc: int) -> None:
+    """Train one run with ``python -m torch.distributed.run`` on this machine; raises on failure."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "xmdist.cli.train", "--config", str(config), "--out", str(run_dir), *sets]
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc))})
+
+
+def run_dir(out: Path, row: Row, seed: int) -> Path:
+    return out / row.key / f"seed{seed}"
+
+
+def run_rows(rows: Sequence[Row], seeds: Sequence[int], out: Path, nproc: int,
+             train: Callable[[Path, Path, Sequence[str], int], None] = torchrun,
+             log: Callable[[str], None] = print) -> dict[str, list[dict]]:
+    """Every (row, seed), seed by seed (every row of the first seed, then of the next: a table cut
+    short still has each row), with a progress line each; finished runs are read. Returns row key
+    -> one eval.json (plus ``wall_s`` and ``seed``) per seed, in ``seeds`` order."""
+    todo = [(r, s) for s in seeds for r in rows]
+    results: dict[str, list[dict]] = {r.key: [] for r in rows}
+    t_all = time.time()
+    for i, (row, seed) in enumerate(todo, 1):
+        d = run_dir(out, row, seed)
+        state = "done" if (d / "eval.json").exists() else "train"
+        log(f"[{i}/{len(todo)}] {row.key} seed {seed}: {row.config} {' '.join(row.overrides)} ({state}; "
+            f"{(time.time() - t_all) / 60:.1f} min so far)")
+        if state == "train":
+            t0 = time.time()
+            train(ROOT / "configs" / f"{row.config}.yaml", d, [*row.overrides, f"train.seed={seed}"], nproc)
+            if not (d / "eval.json").exists():
+                raise RuntimeError(f"{d}: training ended without an eval.json")
+            (d / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
+        r = json.loads((d / "eval.json").read_text())
+        wall = d / "wall_s.txt"
+        r["wall_s"] = float(wall.read_text()) if wall.exists() else float("nan")
+        r["seed"] = seed
+        results[row.key].append(r)
+    return results
+
+
+# ----------------------------------------------------------------------------- statistics
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(values)
+    m = sum(values) / n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def fmt(values: Sequence[float], digits: int) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _seeds_note(results: Sequence[dict]) -> str:
+    return ",".join(str(r["seed"]) for r in results)
+
+
+def mfsr_table(rows: Sequence[Row], results: dict[str, list[dict]]) -> str:
+    """Markdown table of caption-retrieval rows: R@1/5/10 both directions and rsum as mean ± std
+    over the seeds, steps, seeds and wall time per run."""
+    head = "| row | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | steps | seeds | wall/run |\n"
+    head += "| --- | " + " | ".join(["---:"] * 10) + " |\n"
+    lines = []
+    for row in rows:
+        rs = results[row.key]
+        wall = sum(r["wall_s"] for r in rs) / len(rs)
+        lines.append(f"| {row.label or row.row} | " + " | ".join(fmt([r[c] for r in rs], 1) for c in COLUMNS)
+                     + f" | {rs[0]['step']} | {_seeds_note(rs)} | {wall / 60:.1f} min |")
     return head + "\n".join(lines) + "\n"
 
 
-def hashing_table(rows: dict[str, tuple[str, dict]]) -> str:
-    """Markdown table of hashing rows (row name -> (label, :func:`run_row` result)): bits,
-    mAP@all and mAP@50 both directions, chance level, steps and wall time."""
-    lines = ["| row | bits | mAP@all I→T | mAP@all T→I | mAP@50 I→T | mAP@50 T→I | chance | steps | wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for label, r in rows.values():
-        lines.append(f"| {label} | {int(r['bits'])} | {r['map_i2t']:.4f} | {r['map_t2i']:.4f} | "
-                     f"{r['map50_window_i2t']:.4f} | {r['map50_window_t2i']:.4f} | {r['chance']:.4f} | "
-                     f"{r['step']} | {r['wall_s'] / 60:.1f} min |")
+def hashing_table(rows: Sequence[Row], results: dict[str, list[dict]]) -> str:
+    """Markdown table of hashing rows: bits, mAP@all and mAP@50 both directions as mean ± std
+    over the seeds, the chance level, steps, seeds and wall time per run."""
+    lines = ["| row | bits | mAP@all I→T | mAP@all T→I | mAP@50 I→T | mAP@50 T→I | chance | steps | seeds | wall/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        rs = results[row.key]
+        wall = sum(r["wall_s"] for r in rs) / len(rs)
+        lines.append(f"| {row.label or row.method.upper()} | {int(rs[0]['bits'])} | "
+                     + " | ".join(fmt([r[c] for r in rs], 4) for c in HASH_COLUMNS)
+                     + f" | {rs[0]['chance']:.4f} | {rs[0]['step']} | {_seeds_note(rs)} | {wall / 60:.1f} min |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- RESULTS.json
+def commit() -> str:
+    """The repository's short commit, ``+dirty`` when tracked files differ from it."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "xmdist", "configs"], cwd=ROOT).returncode
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def result_entry(row: Row, results: Sequence[dict], nproc: int, sha: str | None = None) -> dict:
+    """One RESULTS.json entry: every numeric metric of the eval.json as a list over the seeds
+    (``chance`` and ``bits`` are properties of the data and the config, one value)."""
+    skip = {"step", "epoch", "bits", "chance", "wall_s", "seed"}
+    keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in skip]
+    metrics: dict = {k: [r[k] for r in results] for k in keys}
+    if "chance" in results[0]:
+        metrics["chance"] = results[0]["chance"]
+    return {"table": row.table, "method": row.method, "row": row.row, "bits": row.bits,
+            "seeds": [r["seed"] for r in results], "metrics": metrics,
+            "config": f"configs/{row.config}.yaml", "overrides": list(row.overrides),
+            "budget": {"steps": results[0].get("step"), "processes": nproc,
+                       "wall_s_per_run": round(sum(r["wall_s"] for r in results) / len(results))},
+            "commit": sha or commit()}
+
+
+def update_results_json(path: Path, entries: Sequence[dict]) -> None:
+    """Replace the entries of the same (table, method, row, bits) in ``path`` (a JSON list, created
+    when absent) and keep every other one; written atomically."""
+    ident = lambda e: (e["table"], e["method"], e["row"], e["bits"])  # noqa: E731
+    old = json.loads(path.read_text()) if path.exists() else []
+    new = {ident(e): e for e in entries}
+    kept = [e for e in old if ident(e) not in new]
+    write_json_atomic(path, kept + list(entries))

@@ -1,0 +1,83 @@
+"""The multi-seed table runner: resumable rows, mean ± std, RESULTS.json entries (no training:
+a fake trainer writes each run's eval.json)."""
+import json
+import math
+
+import pytest
+
+from xmdist.cli.ablate import table_row
+from xmdist.cli.hashing_table import table_rows
+from xmdist.tools.tables import (Row, hashing_table, mean_std, mfsr_table, result_entry, run_rows,
+                                 update_results_json)
+
+
+def _fake_train(calls):
+    def train(config, run_dir, overrides, nproc):
+        calls.append((config.name, run_dir, tuple(overrides)))
+        seed = int(overrides[-1].split("=")[1])
+        bits = next((int(o.split("=")[1]) for o in overrides if o.startswith("model.bits=")), 64)
+        run_dir.mkdir(parents=True)
+        (run_dir / "eval.json").write_text(json.dumps(
+            {"method": "sgrn", "bits": bits, "step": 10, "epoch": 1, "chance": 0.5,
+             "map_i2t": 0.6 + 0.01 * seed, "map_t2i": 0.7 - 0.01 * seed,
+             "map50_window_i2t": 0.8, "map50_window_t2i": 0.9}))
+    return train
+
+
+def test_rows_run_per_seed_resume_and_aggregate(tmp_path):
+    rows = table_rows(["sgrn"], [16, 64], "rho0", ["train.epochs=1"])
+    assert [r.key for r in rows] == ["sgrn16", "sgrn64", "sgrn64_rho0"]
+    assert rows[2].row == "sgrn_ablation_rho0" and rows[2].bits == 64 and rows[0].row == "full"
+    calls, lines = [], []
+    results = run_rows(rows, [0, 1, 2], tmp_path, 2, train=_fake_train(calls), log=lines.append)
+    assert len(calls) == 9 and len(lines) == 9 and lines[0].startswith("[1/9] sgrn16 seed 0")
+    assert calls[0][1] == tmp_path / "sgrn16" / "seed0" and calls[1][1] == tmp_path / "sgrn64" / "seed0"
+    assert calls[0][2] == ("model.bits=16", "train.epochs=1", "train.seed=0")
+    assert [r["seed"] for r in results["sgrn64"]] == [0, 1, 2]
+    # finished runs are read, never re-run; a missing one is trained
+    calls.clear()
+    run_rows(rows, [0, 1, 2, 3], tmp_path, 2, train=_fake_train(calls), log=lines.append)
+    assert [c[1].name for c in calls] == ["seed3"] * 3
+    assert lines[-1].startswith("[12/12] sgrn64_rho0 seed 3")
+    table = hashing_table(rows, results)
+    assert "0.6100 ± 0.0100" in table and "0.6900 ± 0.0100" in table and "| 0,1,2 |" in table
+
+
+def test_result_entry_and_results_json_merge(tmp_path):
+    row = Row("hashing", "sgrn", "full", "sgrn_synthetic", ("model.bits=16",), bits=16)
+    res = [{"map_i2t": 0.5 + s / 10, "map_t2i": 0.4, "chance": 0.3, "bits": 16, "step": 7, "epoch": 1,
+            "wall_s": 60.0, "seed": s, "method": "sgrn"} for s in (0, 1)]
+    e = result_entry(row, res, 2, sha="abc1234")
+    assert e == {"table": "hashing", "method": "sgrn", "row": "full", "bits": 16, "seeds": [0, 1],
+                 "metrics": {"map_i2t": [0.5, 0.6], "map_t2i": [0.4, 0.4], "chance": 0.3},
+                 "config": "configs/sgrn_synthetic.yaml", "overrides": ["model.bits=16"],
+                 "budget": {"steps": 7, "processes": 2, "wall_s_per_run": 60}, "commit": "abc1234"}
+    path = tmp_path / "RESULTS.json"
+    other = {**e, "method": "djsrh"}
+    update_results_json(path, [other, e])
+    update_results_json(path, [{**e, "seeds": [0, 1, 2]}])  # the same row again: replaced, others kept
+    entries = json.loads(path.read_text())
+    assert len(entries) == 2 and entries[0]["method"] == "djsrh" and entries[1]["seeds"] == [0, 1, 2]
+
+
+def test_mean_std_and_mfsr_rows():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(1.0)
+    assert math.isclose(mean_std([0.5, 0.5])[1], 0.0)
+    vsepp, base, full = table_row("vsepp", []), table_row("base", []), table_row("all", [])
+    assert (vsepp.method, vsepp.config, vsepp.row) == ("vsepp", "demo_vsepp_synthetic", "full")
+    assert (base.method, base.row, full.row) == ("mfsr", "mfsr_ablation_base", "full")
+    cols = {c: 10.0 for c in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}
+    res = {"vsepp": [{**cols, "rsum": 60.0 + s, "step": 5, "wall_s": 30.0, "seed": s} for s in (0, 2)]}
+    assert "61.0 ± 1.4" in mfsr_table([vsepp], res)
+
+
+def test_every_table_config_exists():
+    from xmdist.tools.tables import ROOT
+    rows = table_rows(["djsrh", "sgrn", "cmfah"], [16, 32, 64, 128], "default", [])
+    rows += table_rows(["cmfah"], [64], "walks", [])[1:]  # the walks ablation only
+    rows += [table_row(n, []) for n in ("vsepp", "base", "mosp", "imgre", "capre", "all")]
+    missing = [r.config for r in rows if not (ROOT / "configs" / f"{r.config}.yaml").is_file()]
+    assert not missing
+    assert len({r.key for r in rows}) == len(rows)
