@@ -7,7 +7,7 @@ import pytest
 
 from xmdist.cli.ablate import table_row
 from xmdist.cli.hashing_table import table_rows
-from xmdist.tools.tables import (Row, hashing_table, mean_std, mfsr_table, result_entry, run_rows,
+from xmdist.tools.tables import (Row, entries_table, hashing_table, mean_std, mfsr_table, result_entry, run_rows,
                                  update_results_json)
 
 
@@ -55,9 +55,20 @@ def test_result_entry_and_results_json_merge(tmp_path):
     path = tmp_path / "RESULTS.json"
     other = {**e, "method": "djsrh"}
     update_results_json(path, [other, e])
-    update_results_json(path, [{**e, "seeds": [0, 1, 2]}])  # the same row again: replaced, others kept
+    # seed 2 of the same setting, run at another commit: merged in; seed 1 again: replaced
+    later = result_entry(row, [{**res[1], "map_i2t": 0.9}, {**res[0], "seed": 2, "map_i2t": 0.7}], 2, sha="def5678")
+    update_results_json(path, [later])
     entries = json.loads(path.read_text())
-    assert len(entries) == 2 and entries[0]["method"] == "djsrh" and entries[1]["seeds"] == [0, 1, 2]
+    assert len(entries) == 2 and entries[0]["method"] == "djsrh"
+    merged = entries[1]
+    assert merged["seeds"] == [0, 1, 2] and merged["metrics"]["map_i2t"] == [0.5, 0.9, 0.7]
+    assert merged["seed_commits"] == ["abc1234", "def5678", "def5678"] and merged["commit"] == "def5678"
+    # another budget is another setting: the entry is replaced, not mixed
+    longer = {**later, "budget": {**later["budget"], "steps": 70}}
+    update_results_json(path, [longer])
+    assert json.loads(path.read_text())[1]["seeds"] == [1, 2]
+    table = entries_table(json.loads(path.read_text()))
+    assert "| SGRN | full | 16 | 0.8000 ± 0.1414 |" in table and "| DJSRH | full | 16 | 0.5500 ± 0.0707 |" in table
 
 
 def test_mean_std_and_mfsr_rows():

@@ -7,8 +7,8 @@ markdown table of their test scores as mean ± std, and record every row in RESU
 Each row is ``configs/mfsr_ablation_<row>.yaml`` (``vsepp``: ``configs/demo_vsepp_synthetic.yaml``,
 the same data and budget) trained into ``OUT/<row>/seed<s>`` with ``train.seed=s``; finished runs
 are read, not re-run. The table (R@1/5/10 both directions and rsum of each run's best validation
-checkpoint on the test split) goes to ``OUT/ablation.md`` and the console; the rows replace their
-entries in ``--results``.
+checkpoint on the test split) goes to ``OUT/ablation.md`` and the console; each finished run updates its row's
+entry in ``--results`` (seeds merge into an entry of the same setting).
 """
 from __future__ import annotations
 
@@ -45,12 +45,14 @@ def main(argv=None) -> int:
     rows = [table_row(n, args.overrides) for n in names]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_rows(rows, args.seeds, out, args.nproc)
+    def record(row, res):  # after every run: a table cut short keeps what it measured
+        if args.results != "none":
+            update_results_json(Path(args.results), [result_entry(row, res, args.nproc)])
+    results = run_rows(rows, args.seeds, out, args.nproc, on_result=record)
     md = mfsr_table(rows, results)
     (out / "ablation.md").write_text(md)
     print(md)
     if args.results != "none":
-        update_results_json(Path(args.results), [result_entry(r, results[r.key], args.nproc) for r in rows])
         print(f"updated {args.results} ({len(rows)} rows)")
     return 0
 

@@ -13,16 +13,18 @@ the methods asked for. Seed ``s`` of a row trains into ``OUT/<row>/seed<s>`` wit
 ``train.seed=s``; finished runs are read, not re-run (an interrupted table resumes). The table
 (mAP@all and mAP@50 of the test queries against the training set as database, beside the chance
 level: the fraction of relevant pairs, the mAP of a random ranking) goes to ``OUT/hashing.md`` and
-the console; the rows replace their entries in ``--results``.
+the console; each finished run updates its row's entry in
+``--results`` (seeds merge into an entry of the same setting).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from xmdist.tools.tables import (ABLATION_NAMES, CMFAH_ABLATIONS, ROOT, Row, hashing_table, result_entry,
-                                 run_rows, update_results_json)
+from xmdist.tools.tables import (ABLATION_NAMES, CMFAH_ABLATIONS, ROOT, Row, entries_table, hashing_table,
+                                 result_entry, run_rows, update_results_json)
 
 ABLATIONS = {"sgrn": ("sgrn_ablation", ABLATION_NAMES, "nogate,now,rho0,eta0,v1"),
              "cmfah": ("cmfah_ablation", CMFAH_ABLATIONS, "ca,ia,ta")}
@@ -46,7 +48,7 @@ def table_rows(methods: list[str], bits: list[int], ablations: str, overrides: l
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="directory of the runs and hashing.md")
+    p.add_argument("--out", help="directory of the runs and hashing.md (required unless --report)")
     p.add_argument("--bits", default="16,32,64,128")
     p.add_argument("--methods", default="djsrh,sgrn,cmfah")
     p.add_argument("--ablations", default="default",
@@ -57,7 +59,18 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "RESULTS.json"), help="RESULTS.json to update, or 'none'")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every row's train.py")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: print the hashing tables of --results (mean ± std per row)")
     a = p.parse_args(argv)
+    if a.report:
+        entries = json.loads(Path(a.results).read_text())
+        for table in ("hashing", "sgrn_ablation", "cmfah_ablation"):
+            rows = [e for e in entries if e["table"] == table]
+            if rows:
+                print(f"\n{table}\n\n{entries_table(rows)}")
+        return 0
+    if not a.out:
+        p.error("--out is required (or --report to print --results)")
     methods = a.methods.split(",")
     unknown = [m for m in methods if m not in ("djsrh", "sgrn", "cmfah")]
     if unknown:
@@ -68,12 +81,14 @@ def main(argv=None) -> int:
     rows = table_rows(methods, [int(b) for b in a.bits.split(",")], a.ablations, a.overrides)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_rows(rows, a.seeds, out, a.nproc)
+    def record(row, res):  # after every run: a table cut short keeps what it measured
+        if a.results != "none":
+            update_results_json(Path(a.results), [result_entry(row, res, a.nproc)])
+    results = run_rows(rows, a.seeds, out, a.nproc, on_result=record)
     text = hashing_table(rows, results)
     (out / "hashing.md").write_text(text)
     print(text)
     if a.results != "none":
-        update_results_json(Path(a.results), [result_entry(r, results[r.key], a.nproc) for r in rows])
         print(f"updated {a.results} ({len(rows)} rows)")
     return 0
 

@@ -70,10 +70,12 @@ def run_dir(out: Path, row: Row, seed: int) -> Path:
 
 def run_rows(rows: Sequence[Row], seeds: Sequence[int], out: Path, nproc: int,
              train: Callable[[Path, Path, Sequence[str], int], None] = torchrun,
-             log: Callable[[str], None] = print) -> dict[str, list[dict]]:
+             log: Callable[[str], None] = print,
+             on_result: Callable[[Row, list[dict]], None] | None = None) -> dict[str, list[dict]]:
     """Every (row, seed), seed by seed (every row of the first seed, then of the next: a table cut
-    short still has each row), with a progress line each; finished runs are read. Returns row key
-    -> one eval.json (plus ``wall_s`` and ``seed``) per seed, in ``seeds`` order."""
+    short still has each row), with a progress line each; finished runs are read. ``on_result(row,
+    its results so far)`` after each run (RESULTS.json is kept up to date while a table runs).
+    Returns row key -> one eval.json (plus ``wall_s`` and ``seed``) per seed, in ``seeds`` order."""
     todo = [(r, s) for s in seeds for r in rows]
     results: dict[str, list[dict]] = {r.key: [] for r in rows}
     t_all = time.time()
@@ -93,6 +95,8 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], out: Path, nproc: int,
         r["wall_s"] = float(wall.read_text()) if wall.exists() else float("nan")
         r["seed"] = seed
         results[row.key].append(r)
+        if on_result is not None:
+            on_result(row, results[row.key])
     return results
 
 
@@ -170,11 +174,65 @@ def result_entry(row: Row, results: Sequence[dict], nproc: int, sha: str | None 
             "commit": sha or commit()}
 
 
+def _ident(e: dict) -> tuple:
+    return e["table"], e["method"], e["row"], e["bits"]
+
+
+def _same_setting(a: dict, b: dict) -> bool:
+    return (a["config"], a["overrides"], a["budget"]["steps"], a["budget"]["processes"]) == \
+        (b["config"], b["overrides"], b["budget"]["steps"], b["budget"]["processes"])
+
+
+def merge_entry(old: dict, new: dict) -> dict:
+    """``new`` with the seeds of ``old`` that it lacks, when both are the same setting (config,
+    overrides, steps, processes); otherwise ``new`` alone. A seed in both takes ``new``'s values;
+    ``seed_commits`` gives the commit each seed was run at, ``commit`` the newest."""
+    if not _same_setting(old, new):
+        return new
+    old_commits = old.get("seed_commits", [old["commit"]] * len(old["seeds"]))
+    per_seed = {s: ({k: v[i] for k, v in old["metrics"].items() if isinstance(v, list)}, old_commits[i])
+                for i, s in enumerate(old["seeds"])}
+    per_seed.update({s: ({k: v[i] for k, v in new["metrics"].items() if isinstance(v, list)}, new["commit"])
+                     for i, s in enumerate(new["seeds"])})
+    seeds = sorted(per_seed)
+    keys = [k for k, v in new["metrics"].items() if isinstance(v, list) and all(k in per_seed[s][0] for s in seeds)]
+    metrics = {k: [per_seed[s][0][k] for s in seeds] for k in keys}
+    metrics.update({k: v for k, v in new["metrics"].items() if not isinstance(v, list)})
+    return {**new, "seeds": seeds, "metrics": metrics, "seed_commits": [per_seed[s][1] for s in seeds]}
+
+
 def update_results_json(path: Path, entries: Sequence[dict]) -> None:
-    """Replace the entries of the same (table, method, row, bits) in ``path`` (a JSON list, created
-    when absent) and keep every other one; written atomically."""
-    ident = lambda e: (e["table"], e["method"], e["row"], e["bits"])  # noqa: E731
-    old = json.loads(path.read_text()) if path.exists() else []
-    new = {ident(e): e for e in entries}
-    kept = [e for e in old if ident(e) not in new]
-    write_json_atomic(path, kept + list(entries))
+    """Merge ``entries`` into ``path`` (a JSON list, created when absent): an entry of the same
+    (table, method, row, bits) and setting gains the new seeds (:func:`merge_entry`), one of
+    another setting is replaced; every other entry is kept in its place. Written atomically."""
+    current = json.loads(path.read_text()) if path.exists() else []
+    index = {_ident(e): i for i, e in enumerate(current)}
+    for e in entries:
+        i = index.get(_ident(e))
+        if i is None:
+            index[_ident(e)] = len(current)
+            current.append(e)
+        else:
+            current[i] = merge_entry(current[i], e)
+    write_json_atomic(path, current)
+
+
+def entries_table(entries: Sequence[dict]) -> str:
+    """Markdown table of RESULTS.json entries of one kind (caption retrieval: R@K and rsum; hashing:
+    mAP@all and mAP@50), mean ± std over each entry's seeds: what RESULTS.md shows."""
+    if not entries:
+        return ""
+    hashing = "map_i2t" in entries[0]["metrics"]
+    cols = HASH_COLUMNS if hashing else COLUMNS
+    names = (["mAP@all I→T", "mAP@all T→I", "mAP@50 I→T", "mAP@50 T→I", "chance"] if hashing
+             else ["i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"])
+    lines = ["| method | row | bits | " + " | ".join(names) + " | seeds | steps |",
+             "|---|---|---|" + "---:|" * (len(names) + 2)]
+    for e in entries:
+        m = e["metrics"]
+        vals = [fmt(m[c], 4 if hashing else 1) if c in m else "" for c in cols]
+        if hashing:
+            vals.append(f"{m['chance']:.4f}")
+        lines.append(f"| {e['method'].upper()} | {e['row']} | {e['bits'] if e['bits'] is not None else ''} | "
+                     + " | ".join(vals) + f" | {','.join(map(str, e['seeds']))} | {e['budget']['steps']} |")
+    return "\n".join(lines) + "\n"
