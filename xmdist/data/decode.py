@@ -9,6 +9,7 @@ or not a run was resumed.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -31,8 +32,41 @@ IMAGE_KEYS = ("jpg", "jpeg", "png")
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError)
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a version 1/2 ``.npy`` header (magic to the end of the
+    header dict), by numpy's own reader (a literal, never evaluated as code). A shard's members
+    of one kind share one header, so the parse runs once per kind, not once per sample."""
+    buf = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(buf)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read(buf)
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """Header fields and the data offset of version 1/2 ``.npy`` bytes; None for anything else."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12 or data[6] not in (1, 2):
+        return None
+    start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    return (*_parse_npy_header(bytes(data[:start])), start)
+
+
 def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """A writable array from pickle-free ``.npy`` bytes; ValueError for an object dtype, a
+    truncated member or a damaged header (numpy's own loader handles every other format version)."""
+    try:
+        head = _npy_header(data)
+    except ValueError:
+        head = None
+    if head is None:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    shape, fortran, dtype, start = head
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    count = math.prod(shape)
+    if len(data) - start < count * dtype.itemsize:
+        raise ValueError(f".npy data truncated: {len(data) - start} bytes for {count} x {dtype}")
+    return np.frombuffer(data, dtype, count, start).reshape(shape, order="F" if fortran else "C").copy(order="K")
 
 
 def npy_holds_objects(data: bytes) -> bool:
@@ -40,14 +74,16 @@ def npy_holds_objects(data: bytes) -> bool:
 
     Reads the header only (a Python literal, parsed without evaluating code); a header that
     cannot be read is left to :func:`decode_npy` to reject."""
-    buf = io.BytesIO(data)
     try:
-        major, _ = np.lib.format.read_magic(buf)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        _, _, dtype = read(buf)
+        head = _npy_header(data)
+        if head is None:
+            buf = io.BytesIO(data)
+            major, _ = np.lib.format.read_magic(buf)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            head = read(buf)
     except Exception:  # noqa: BLE001 - damaged: decoding fails and counts it
         return False
-    return bool(dtype.hasobject)
+    return bool(head[2].hasobject)
 
 
 def _jpeg_scale(height: int, width: int, min_size: int) -> int:
