@@ -1,6 +1,8 @@
 """Config schema: defaults -> YAML -> overrides, and every mistake named by its key."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import ROOT
@@ -31,7 +33,12 @@ def test_ints_widen_to_floats_but_not_the_reverse():
     ({"data": {"hflip": "yes"}}, "data.hflip: expected true/false"),
     ({"data": {"batch_size": 1}}, "data.batch_size: must be >= 2"),
     ({"data": {"crop_scale": [0.5]}}, "data.crop_scale: must be"),
-    ({"optim": {"lr": -1.0}}, "optim.lr: must be > 0"),
+    ({"optim": {"lr": -1.0}}, "optim.lr: must be finite and > 0"),
+    ({"optim": {"lr": float("inf")}}, "optim.lr: must be finite and > 0, got inf"),
+    ({"optim": {"weight_decay": float("inf")}}, "optim.weight_decay: must be finite"),
+    ({"optim": {"betas": [0.9, 1.0]}}, "optim.betas: must be two values in [0, 1)"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas: must be two values"),
+    ({"optim": {"momentum": -0.5}}, "optim.momentum: must be in [0, 1)"),
     ({"train": {"zero_stage": 2}}, "train.zero_stage: ZeRO needs train.backend=deepspeed"),
     ({"loss": {"reduction": "max"}}, "loss.reduction: expected one of"),
     ({"method": "nope"}, "method: unknown method 'nope'"),
@@ -39,8 +46,22 @@ def test_ints_widen_to_floats_but_not_the_reverse():
     ({"data": []}, "data: expected a mapping"),
 ])
 def test_mistakes_name_their_key(raw, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(raw)
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("method: vsepp\noptim:\n  lr: 0.1\ndata:\n  batch_size: 4\noptim:\n  lr: 0.2\n", "optim", (2, 6)),
+    ("method: vsepp\noptim:\n  lr: 0.1\n  lr: 0.3\n", "lr", (3, 4)),
+])
+def test_duplicate_yaml_keys_are_refused_with_their_lines(tmp_path, text, key, lines):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"duplicate key '{key}': on line {lines[0]} and again on line {lines[1]}"):
+        load_config(path)
+    # the same keys in different sections are fine
+    path.write_text("method: vsepp\noptim:\n  lr: 0.1\nloss:\n  margin: 0.1\nmodel:\n  embed_dim: 8\n")
+    assert load_config(path).optim.lr == 0.1
 
 
 def test_bad_override_syntax_and_files(tmp_path):

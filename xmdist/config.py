@@ -13,6 +13,7 @@ xmdist: ``xmdist.methods.load_config`` is the one-argument form everything else 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -89,9 +90,13 @@ class OptimConfig:
     lr_scale: dict[str, float] = field(default_factory=dict)  # e.g. {text: 10}: lr x 10 under model.text
 
     def validate(self) -> None:
-        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be finite and > 0, got {self.lr}")
+        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+              f"must be finite and >= 0, got {self.weight_decay}")
+        check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+              f"must be two values in [0, 1), got {self.betas}")
+        check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", "must be finite and >= 0")
         check(0 < self.lr_decay <= 1, "optim.lr_decay", "must be in (0, 1]")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(all(v > 0 for v in self.lr_scale.values()), "optim.lr_scale", "factors must be > 0")
@@ -296,6 +301,29 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (same tags, nothing executed) that refuses a mapping holding one key
+    twice, where plain YAML keeps the last value silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}: on line {first} and again on line "
+                                f"{key_node.start_mark.line + 1} (YAML would keep only the last)", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml_text(f) -> object:
+    return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """A config file as a tree; ``base: other.yaml`` (relative to the file) is read first and
     the file's values override it, section by section."""
@@ -306,7 +334,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: 'base' files include each other")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = _load_yaml_text(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
