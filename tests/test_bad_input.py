@@ -229,6 +229,40 @@ def test_resume_with_more_ranks_is_refused(base_run, tiny_shards, tmp_path):
     assert_kept(before, run)
 
 
+@pytest.mark.parametrize("value,message", [
+    ("Latest", None), ("AUTO", None), ("best", None), ("step_00000002", None),
+    ("/elsewhere/run/checkpoints/step_00000004", "is a path: --resume takes a checkpoint name of --out"),
+    ("latset", "expected auto, latest, none, best or step_XXXXXXXX"),
+])
+def test_resume_values(value, message):
+    from xmdist.cli.train import parse_args
+    if message is None:
+        expected = value if value.startswith("step_") else value.lower()
+        assert parse_args(["--out", "x", "--resume", value]).resume == expected
+        return
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--out", "x", "--resume", value])
+    assert e.value.code == 2
+
+
+def _train_resume(shards: Path, out: Path, which: str, *sets: str) -> subprocess.CompletedProcess:
+    cmd = [*train_command(shards, out, *sets, nproc=1), "--resume", which]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def test_resume_latest_and_best_need_a_checkpoint(base_run, tiny_shards, tmp_path):
+    for which in ("latest", "best"):
+        out = tmp_path / which
+        proc = _train_resume(tiny_shards, out, which, "train.max_steps=2", *QUIET)
+        assert proc.returncode == 2 and f"--resume {which}: {out / 'checkpoints'} holds no" in proc.stderr, \
+            proc.stderr[-2000:]
+    # latest on a run with checkpoints resumes from the newest
+    run = copy_run(base_run, tmp_path)
+    proc = _train_resume(tiny_shards, run, "latest", "train.max_steps=6", *QUIET)
+    assert proc.returncode == 0 and "resumed from step_00000004: step 4" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_checkpoint_needing_unpickling_is_refused_and_the_previous_used(base_run, tiny_shards, tmp_path):
     run = copy_run(base_run, tmp_path)
     marker = tmp_path / "unpickled"

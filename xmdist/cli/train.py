@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 
@@ -38,11 +39,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run directory: config, vocab, checkpoints, tb/, eval.json")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", default="auto",
-                   help="auto: continue from the newest valid checkpoint in --out if any; none: start "
-                        "fresh; step_XXXXXXXX: that checkpoint")
+    p.add_argument("--resume", default="auto", type=resume_choice,
+                   help="auto: continue from the newest valid checkpoint in --out if any, else start; "
+                        "latest: the same, but refuse to start without one; none: start fresh; "
+                        "step_XXXXXXXX or best: that checkpoint of --out")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
+
+
+def resume_choice(value: str) -> str:
+    """``--resume``: auto | latest | none (any case) or a checkpoint name of the run directory."""
+    if value.lower() in ("auto", "latest", "none", "best"):
+        return value.lower()
+    if "/" in value or "\\" in value or value in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is a path: --resume takes a checkpoint name of --out (step_XXXXXXXX, best, latest, "
+            f"auto or none); to continue another run, pass its directory as --out")
+    if not re.fullmatch(r"step_\d{8}", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected auto, latest, none, best or step_XXXXXXXX "
+                                         f"(a directory name under --out/checkpoints)")
+    return value
 
 
 def main(argv=None) -> int:

@@ -136,7 +136,7 @@ class Trainer:
         self.nonfinite_run = 0  # consecutive steps skipped for non-finite loss or gradients
         torch.manual_seed(cfg.train.seed + env.rank)
         if resume != "none":
-            self._resume(None if resume == "auto" else resume)
+            self._resume(resume)
         barrier()  # every rank has read the old config.yaml before rank 0 replaces it
         # Written once every check passed: a refused start leaves the run directory as it was.
         on_main(lambda: save_config(cfg, self.run_dir / "config.yaml"), env)
@@ -154,9 +154,19 @@ class Trainer:
         path = self.ckpt.save(self.step, *pack_state(self.nets, counters), best=best)
         log.info("checkpoint %s%s", path, " (best)" if best else "")
 
-    def _resume(self, name: str | None) -> None:
+    def _resume(self, which: str) -> None:
+        """``auto``: the newest valid checkpoint if any; ``latest``: the same, refusing to start
+        without one; ``best``: the best one; else that checkpoint name."""
+        name = None if which in ("auto", "latest") else which
+        if which == "best":
+            name = self.ckpt.best_name()
+            if name is None:
+                raise FileNotFoundError(f"--resume best: {self.ckpt.dir} holds no best checkpoint")
         found = self.ckpt.load(name)
         if found is None:
+            if which == "latest":
+                raise FileNotFoundError(f"--resume latest: {self.ckpt.dir} holds no checkpoint (--resume auto "
+                                        f"starts a new run when there is none)")
             return
         name, shared, rank = found
         t = shared["trainer"]
