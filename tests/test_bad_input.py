@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from test_image_limits import bomb_png
 from test_smoke import train, train_command
 
 QUIET = ["train.ckpt_every=2", "train.eval_every=1000"]
@@ -309,9 +310,9 @@ def _without(member):
 
 @pytest.fixture(scope="module")
 def damaged_run(tiny_shards, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """One 4-step run on shards whose samples 1-5 (of every train shard) are damaged: a corrupt
-    JPEG, no json, no jpg, an extra pickle member (.pyd), an object-array labels.npy. All five
-    are in the first batch (shuffle buffer 1). -> (process, run directory, unpickling marker)."""
+    """One 4-step run on shards whose samples 1-6 (of every train shard) are damaged: a corrupt
+    JPEG, no json, no jpg, an extra pickle member (.pyd), an object-array labels.npy, a
+    decompression-bomb PNG. All six are in the first batch (shuffle buffer 1). -> (process, run directory, unpickling marker)."""
     tmp = tmp_path_factory.mktemp("damaged")
     marker = tmp / "unpickled"
 
@@ -323,16 +324,25 @@ def damaged_run(tiny_shards, tmp_path_factory) -> tuple[subprocess.CompletedProc
         s["labels.npy"] = object_npy(marker)
         return s
 
+    def bomb(s):  # a 20000 x 20000 PNG of a few hundred KB in place of the JPEG
+        del s["jpg"]
+        s["png"] = bomb_png()
+        return s
+
     shards = damaged_copy(tiny_shards, tmp / "shards", {1: _corrupt_jpeg, 2: _without("json"), 3: _without("jpg"),
-                                                        4: add_pyd, 5: object_labels})
+                                                        4: add_pyd, 5: object_labels, 6: bomb})
     out = tmp / "run"
     return train_on_damage(shards, out), out, marker
 
 
 def test_damaged_samples_are_skipped_counted_and_training_goes_on(damaged_run):
     proc, out, _ = damaged_run
-    assert "skipped_samples 5 " in proc.stdout, proc.stdout[-3000:]  # the step-2 console line
-    assert tb_values(out, "train/skipped_samples") == {2: 5.0, 4: 0.0}
+    assert "skipped_samples 6 " in proc.stdout, proc.stdout[-3000:]  # the step-2 console line
+    assert tb_values(out, "train/skipped_samples") == {2: 6.0, 4: 0.0}
+
+
+def test_decompression_bomb_is_skipped_before_decoding(damaged_run):
+    assert "20000 x 20000 = 400,000,000 pixels is above data.max_pixels = 100,000,000" in damaged_run[0].stdout
 
 
 def test_corrupt_jpeg_is_skipped(damaged_run):

@@ -51,6 +51,7 @@ class DataConfig:
     max_caption_words: int = 40
     crop_size: int = 224  # training crop / evaluation centre crop, pixels
     eval_resize: int = 256  # evaluation: resize shorter side, then centre crop
+    max_pixels: int = 100_000_000  # images declaring more (width x height) are skipped before decoding; 0: no limit
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
     hflip: bool = True  # captions that name left/right want this off
     pin_memory: bool = True  # only used on CUDA
@@ -70,6 +71,7 @@ class DataConfig:
         check(self.min_word_count >= 1, "data.min_word_count", "must be >= 1")
         check(self.max_caption_words >= 1, "data.max_caption_words", "must be >= 1")
         check(self.crop_size >= 8, "data.crop_size", "must be >= 8")
+        check(self.max_pixels >= 0, "data.max_pixels", "must be >= 0 (0: no limit)")
         check(self.eval_resize >= self.crop_size, "data.eval_resize", "must be >= data.crop_size")
         lo_hi = self.crop_scale
         check(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.crop_scale",

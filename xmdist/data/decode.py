@@ -28,8 +28,22 @@ from xmdist.data.vocab import Vocab, pad_captions
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_KEYS = ("jpg", "jpeg", "png")
-# What a damaged sample raises: bad bytes, bad JSON, a missing member or field.
-DECODE_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError)
+# What a damaged sample raises: bad bytes, bad JSON, a missing member or field, an image past
+# PIL's own decompression-bomb limit.
+DECODE_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError,
+                 Image.DecompressionBombError)
+DEFAULT_MAX_PIXELS = 100_000_000  # data.max_pixels: width x height refused above it, before decoding
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than the limit (a decompression bomb, or a
+    scan far larger than training needs); refused before any pixel is decoded."""
+
+
+def check_pixels(height: int, width: int, max_pixels: int) -> None:
+    if max_pixels and height * width > max_pixels:
+        raise ImageTooLarge(f"image of {width} x {height} = {height * width:,} pixels is above data.max_pixels "
+                            f"= {max_pixels:,} (refused before decoding)")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -93,44 +107,61 @@ def _jpeg_scale(height: int, width: int, min_size: int) -> int:
     return next(s for s in (8, 4, 2, 1) if s == 1 or min(height // s, width // s) >= min_size)
 
 
-def decode_with_pil(data: bytes, fmt: str | None = None, min_size: int = 0) -> np.ndarray:
+def decode_with_pil(data: bytes, fmt: str | None = None, min_size: int = 0,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image bytes -> uint8 RGB array (H, W, 3) by PIL: only as format ``fmt`` when given (else
-    any format PIL reads); JPEGs in draft mode down to ``min_size``."""
-    with Image.open(io.BytesIO(data), formats=[fmt] if fmt else None) as img:
+    any format PIL reads); JPEGs in draft mode down to ``min_size``. The size is read from the
+    header first: above ``max_pixels`` (0: no limit) :class:`ImageTooLarge`, nothing decoded."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":  # before PIL's own check opens it
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        check_pixels(height, width, max_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit here is ours
+        try:
+            img = Image.open(io.BytesIO(data), formats=[fmt] if fmt else None)
+        except Image.DecompressionBombError as e:  # past PIL's own hard limit: refused the same way
+            raise ImageTooLarge(str(e)) from None
+    with img:
+        check_pixels(img.height, img.width, max_pixels)
         if min_size and img.format == "JPEG":
             img.draft("RGB", (min_size, min_size))
         img.load()  # a damaged image fails here, inside the caller's error handling
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def decode_pixels(sample: dict, min_size: int = 0) -> np.ndarray:
+def decode_pixels(sample: dict, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The sample's image as a uint8 RGB array (H, W, 3).
 
     A member is decoded only as the format its name says. JPEGs much larger than ``min_size``
     are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling: the decoder skips coefficients), never
     below ``min_size`` on either side; ``min_size=0`` decodes at full size. JPEGs go through
     libjpeg-turbo directly (simplejpeg); the few it cannot turn into RGB (CMYK, YCCK) and PNGs
-    through PIL, with the same scaling.
+    through PIL, with the same scaling. An image whose header declares more than ``max_pixels``
+    (0: no limit) raises :class:`ImageTooLarge` before anything is decoded.
     """
     for key in IMAGE_KEYS:
         if key not in sample:
             continue
         data = sample[key]
         if key == "png":
-            return decode_with_pil(data, "PNG")
+            return decode_with_pil(data, "PNG", max_pixels=max_pixels)
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:  # damaged data, which PIL names
+            return decode_with_pil(data, "JPEG", min_size, max_pixels)
+        check_pixels(height, width, max_pixels)
+        try:
             s = _jpeg_scale(height, width, min_size)
             return simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // s), min_width=-(-width // s))
         except ValueError:  # CMYK/YCCK, which PIL converts, or damaged data, which PIL names
-            return decode_with_pil(data, "JPEG", min_size)
+            return decode_with_pil(data, "JPEG", min_size, max_pixels)
     raise KeyError(f"sample {sample.get('__key__')} has no image member ({'/'.join(IMAGE_KEYS)})")
 
 
-def decode_rgb(sample: dict, min_size: int = 0) -> torch.Tensor:
+def decode_rgb(sample: dict, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """The sample's image as a uint8 tensor (3, H, W), channels-last in memory (see
     :func:`decode_pixels`)."""
-    return hwc_to_tensor(decode_pixels(sample, min_size))
+    return hwc_to_tensor(decode_pixels(sample, min_size, max_pixels))
 
 
 def hwc_to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -217,8 +248,9 @@ class SampleDecoder:
     """Turns raw samples into training batches (one caption each) or evaluation batches (all)."""
 
     def __init__(self, vocab: Vocab, crop_size: int, eval_resize: int, crop_scale: tuple[float, float],
-                 hflip: bool, max_words: int, draft: bool = True, gpu_decode: bool = False):
-        self.vocab, self.max_words = vocab, max_words
+                 hflip: bool, max_words: int, draft: bool = True, gpu_decode: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.vocab, self.max_words, self.max_pixels = vocab, max_words, max_pixels
         self.draft, self.gpu_decode = draft, gpu_decode
         self.crop_size, self.eval_resize = crop_size, eval_resize
         # Batches stay uint8 (4x less to move between processes and to the GPU); the image
@@ -231,7 +263,7 @@ class SampleDecoder:
 
     def eval_view(self, sample: dict) -> torch.Tensor:
         """The sample's image decoded (reduced scale down to ``eval_resize``) and :meth:`eval_image`."""
-        return self.eval_image(decode_rgb(sample, self.eval_resize if self.draft else 0))
+        return self.eval_image(decode_rgb(sample, self.eval_resize if self.draft else 0, self.max_pixels))
 
     def _seed(self, sample: dict, caption: int, salt: tuple) -> int:
         """Augmentation seed of one (epoch, sample, caption): the same in every run."""
@@ -250,7 +282,7 @@ class SampleDecoder:
                 raise ValueError("data.gpu_decode reads JPEG members only")
             data = sample.get("jpg", sample.get("jpeg"))
             return (torch.frombuffer(bytearray(data), dtype=torch.uint8), seed), tokens, int(meta["id"])
-        image = decode_pixels(sample, self.crop_size if self.draft else 0)
+        image = decode_pixels(sample, self.crop_size if self.draft else 0, self.max_pixels)
         return self.augment(image, seed), tokens, int(meta["id"])
 
     def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
@@ -308,8 +340,9 @@ class FeatureDecoder:
     """
 
     def __init__(self, feature: str, image_shape: tuple[int, ...], text_dim: int, num_labels: int,
-                 labels: list[int] | None = None, image_size: int = 0):
+                 labels: list[int] | None = None, image_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.feature, self.image_shape, self.text_dim = feature, tuple(image_shape), text_dim
+        self.max_pixels = max_pixels
         self.image_dim = math.prod(self.image_shape)
         self.labels, self.image_size = labels, image_size
         self.num_labels = len(labels) if labels is not None else num_labels  # after the selection
@@ -322,7 +355,8 @@ class FeatureDecoder:
         if tags.shape[0] != self.text_dim:
             raise ValueError(f"tags.npy has {tags.shape[0]} values; expected {self.text_dim}")
         if self.image_size:
-            image = resize_center_crop(decode_rgb(sample, self.image_size), self.image_size, self.image_size)
+            image = resize_center_crop(decode_rgb(sample, self.image_size, self.max_pixels), self.image_size,
+                                       self.image_size)
         else:
             feat = decode_npy(sample[self.feature]).astype(np.float32)
             if feat.size != self.image_dim:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from xmdist.data.decode import batch_to_device, decode_meta, decode_npy, decode_rgb, resize_center_crop
+from xmdist.data.decode import (DEFAULT_MAX_PIXELS, batch_to_device, decode_meta, decode_npy, decode_rgb,
+                                 resize_center_crop)
 from xmdist.data.expansion import Expander
 
 
@@ -29,11 +30,12 @@ class WordRegionDecoder:
 
     def __init__(self, feature: str, region_shape: tuple[int, ...], text_dim: int, num_labels: int,
                  labels: list[int] | None = None, expander: Expander | None = None, max_words: int = 32,
-                 image_size: int = 0):
+                 image_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
         if max_words < 1:
             raise ValueError(f"max_words must be >= 1, got {max_words}")
         self.feature, self.region_shape, self.text_dim = feature, tuple(region_shape), text_dim
         self.labels, self.expander, self.max_words, self.image_size = labels, expander, max_words, image_size
+        self.max_pixels = max_pixels
         self.label_width = num_labels  # of labels.npy, before the selection
         self.num_labels = len(labels) if labels is not None else num_labels
         self.pad = text_dim  # the padding word id: one row past the vocabulary
@@ -101,7 +103,7 @@ class WordRegionDecoder:
         return resize_center_crop(image, self.image_size, self.image_size)
 
     def eval_view(self, sample: dict) -> torch.Tensor:
-        return self.eval_image(decode_rgb(sample, self.image_size))
+        return self.eval_image(decode_rgb(sample, self.image_size, self.max_pixels))
 
     # ---------------------------------------------------------------- batches
 

@@ -64,7 +64,7 @@ class CaptionMethod(Method):
     def make_decoder(self, shards: ShardSet) -> SampleDecoder:
         d = self.cfg.data
         return SampleDecoder(self.vocab, d.crop_size, d.eval_resize, tuple(d.crop_scale), d.hflip,
-                             d.max_caption_words, d.jpeg_draft, d.gpu_decode)
+                             d.max_caption_words, d.jpeg_draft, d.gpu_decode, d.max_pixels)
 
     def hinge(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, epoch: int) -> torch.Tensor:
         """This rank's share of VSE++'s hinge over the global batch (negatives from every rank)."""

@@ -169,7 +169,8 @@ class CMFAH(Method):
     def make_decoder(self, shards: ShardSet) -> WordRegionDecoder:
         m = self.cfg.model
         return WordRegionDecoder(self.member, self.region_shape, self.text_dim, self.num_labels, self.labels,
-                                 self.expander, m.max_words, m.image_size if m.image_input == "pixels" else 0)
+                                 self.expander, m.max_words, m.image_size if m.image_input == "pixels" else 0,
+                                 self.cfg.data.max_pixels)
 
     # ------------------------------------------------------------------ training
     def build(self) -> dict[str, Network]:

@@ -115,7 +115,7 @@ class _Hashing(Method):
                              m.image_size if pixels else 0)
 
     def make_decoder(self, shards: ShardSet) -> FeatureDecoder:
-        return FeatureDecoder(*self.decoder_args)
+        return FeatureDecoder(*self.decoder_args, max_pixels=self.cfg.data.max_pixels)
 
     def build(self) -> dict[str, Network]:
         m = self.cfg.model
