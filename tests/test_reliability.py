@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -118,3 +119,29 @@ def test_watchdog_dumps_stacks_and_exits(tiny_shards, tmp_path):
     assert proc.returncode != 0
     assert "watchdog: rank 1 made no progress" in out and "watchdog: rank 0 made no progress" in out, out[-3000:]
     assert "most recent call first" in out and "in after_step" in out  # rank 1's stack shows where it hangs
+
+
+def test_second_job_on_the_same_run_directory_is_refused(tiny_shards, tmp_path):
+    """Two jobs on one --out: the second exits 2 naming the first (host, pid, start) and writes
+    nothing; once the first is gone (even killed with SIGKILL), the directory is free again."""
+    out, sets = tmp_path / "run", ["train.max_steps=4", *QUIET]
+    cmd = train_command(tiny_shards, out, *sets, nproc=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "XMDIST_FAULT": "pause@2"}
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in first.stdout:
+            if "pausing after step 2" in line:
+                break
+        before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
+        second = train(tiny_shards, out, *sets, nproc=2, check=False)
+        assert second.returncode != 0
+        assert f"error: {out} is in use by another job (host {socket.gethostname()}, pid {first.pid}, started " \
+            in second.stderr, second.stderr[-2000:]
+        assert "step 1 ep" not in second.stdout
+        after = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
+        assert after == before  # the second job touched nothing
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the kernel drops the lock
+        first.wait(timeout=60)
+    proc = train(tiny_shards, out, *sets, nproc=1)  # the killed holder wrote no checkpoint: a new start
+    assert "step 4 ep" in proc.stdout and (out / "eval.json").exists(), proc.stdout[-2000:]

@@ -26,6 +26,7 @@ from xmdist.methods import get_method, load_config
 from xmdist.train.backends import build_backend
 from xmdist.train.checkpoint import CheckpointManager, model_state, pack_state, unpack_state
 from xmdist.train.faults import FaultInjector
+from xmdist.train.lock import RunLock, RunLocked
 from xmdist.train.logger import build_logger
 from xmdist.train.watchdog import Watchdog
 
@@ -100,6 +101,14 @@ class StopSignal:
         return self.signum != 0
 
 
+def _try_lock(lock: RunLock) -> str | None:
+    try:
+        lock.acquire()
+    except RunLocked as e:
+        return str(e)
+    return None
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path, resume: str = "auto"):
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
@@ -108,7 +117,12 @@ class Trainer:
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
         if resume != "none":
             check_resume_config(cfg, self.run_dir)  # on every rank: all of them stop alike
-        on_main(lambda: self.run_dir.mkdir(parents=True, exist_ok=True), env)
+        # rank 0 locks the run directory for the job before anything is written (a second job on
+        # the same --out stops here on every rank)
+        self.lock = RunLock(self.run_dir)
+        refused = on_main(lambda: _try_lock(self.lock), env)
+        if refused:
+            raise ConfigError(refused)
         self.shards = ShardSet.open(cfg.data.shards)
         self.train_split = self.shards.split(cfg.data.train_split)
         self.val_split = self.shards.split(cfg.data.val_split)
@@ -357,3 +371,4 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        self.lock.release()
