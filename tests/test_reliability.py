@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -145,3 +146,38 @@ def test_second_job_on_the_same_run_directory_is_refused(tiny_shards, tmp_path):
         first.wait(timeout=60)
     proc = train(tiny_shards, out, *sets, nproc=1)  # the killed holder wrote no checkpoint: a new start
     assert "step 4 ep" in proc.stdout and (out / "eval.json").exists(), proc.stdout[-2000:]
+
+
+def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(tiny_shards, tmp_path):
+    """kill -9 of torchrun's process group: the workers (in sessions of their own) notice that
+    their launcher is gone and stop after the same step with a checkpoint, within seconds,
+    instead of training on unsupervised; rerunning the command resumes there."""
+    out, sets = tmp_path / "run", ["train.max_steps=8", *QUIET]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "XMDIST_FAULT": "pause@3"}
+    agent = subprocess.Popen(train_command(tiny_shards, out, *sets), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    lines = []
+    for line in agent.stdout:
+        lines.append(line)
+        if "pausing after step 3" in line:
+            break
+    workers = [_rank_pid(agent.pid, r) for r in (0, 1)]
+    os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait(timeout=30)
+    t0 = time.time()
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid) for pid in workers):
+        assert time.time() - t0 < 60, "workers still running a minute after their launcher died"
+        time.sleep(0.2)
+    lines += agent.stdout.readlines()
+    text = "".join(lines)
+    assert "the launcher (pid" in text and "is gone: stopping after this step with a checkpoint" in text, text[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003", text[-3000:]
+    proc = train(tiny_shards, out, *sets)
+    assert "resumed from step_00000003: step 3" in proc.stdout
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

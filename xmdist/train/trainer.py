@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -78,6 +79,10 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row: the run diverged."""
 
 
+LAUNCHER_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker
+LAUNCHER_POLL_S = 1.0
+
+
 class StopSignal:
     """SIGTERM / SIGINT / SIGUSR1 (a scheduler's pre-emption warning) ask every rank to stop.
 
@@ -90,6 +95,19 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
+        if LAUNCHER_ENV in os.environ:  # a torchrun worker: its parent is the elastic agent
+            threading.Thread(target=self._watch_launcher, args=(os.getppid(),), name="launcher-watch",
+                             daemon=True).start()
+
+    def _watch_launcher(self, launcher: int) -> None:
+        """torchrun starts workers in their own sessions, so a ``kill -9`` of the agent (or of its
+        process group) leaves them running with nobody to stop them. When the agent is gone (this
+        process was re-parented) the worker stops as on SIGTERM: after this step, with a checkpoint;
+        every orphaned rank sees it within ``LAUNCHER_POLL_S`` and they agree on the step."""
+        while os.getppid() == launcher:
+            time.sleep(LAUNCHER_POLL_S)
+        self.signum = self.signum or signal.SIGTERM
+        log.warning("the launcher (pid %d) is gone: stopping after this step with a checkpoint", launcher)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
