@@ -90,9 +90,10 @@ def test_nonfinite_loss_skips_the_step_on_every_rank(tiny_shards, tmp_path):
     ckpt = lambda s: torch.load(out / "checkpoints" / f"step_{s:08d}" / "shared.pt",  # noqa: E731
                                 weights_only=True)["nets"]["model"]["model"]
     before, skipped, after = ckpt(2), ckpt(3), ckpt(4)
-    for k in [k for k in before if "running_" not in k and "num_batches" not in k]:  # BatchNorm buffers
+    assert any("running_mean" in k for k in before)  # the model has BatchNorm statistics
+    for k in before:  # parameters and buffers: the skipped step's forward left no trace
         torch.testing.assert_close(skipped[k], before[k], rtol=0, atol=0, msg=k)
-        assert torch.isfinite(after[k]).all(), k
+        assert torch.isfinite(after[k].float()).all(), k
     assert any(not torch.equal(after[k], before[k]) for k in before)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

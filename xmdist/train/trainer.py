@@ -119,6 +119,14 @@ class StopSignal:
         return self.signum != 0
 
 
+@torch.no_grad()
+def _restore_buffers(module: torch.nn.Module, saved: list[torch.Tensor]) -> None:
+    """Put back the buffers a skipped step's forward changed (BatchNorm statistics of a NaN
+    batch would poison every later checkpoint)."""
+    for b, old in zip(module.buffers(), saved):
+        b.copy_(old)
+
+
 def _try_lock(lock: RunLock) -> str | None:
     try:
         lock.acquire()
@@ -228,6 +236,8 @@ class Trainer:
         not finite is skipped on every rank; ``nonfinite`` counts such steps."""
         batch = self.decoder.to_device(batch, self.env.device)  # data.gpu_decode: decoded there
         self.clock("data")
+        # buffers (BatchNorm running statistics) as they were, for a network whose update is skipped
+        saved = {name: [b.detach().clone() for b in net.module.buffers()] for name, net in self.nets.items()}
         with self.model.autocast():
             out = self.method.forward(self.nets, batch)
         self.clock("forward")
@@ -246,6 +256,7 @@ class Trainer:
                 log.warning("step %d: non-finite %s loss on some rank; %s update skipped", self.step + 1,
                             phase.network, phase.network)
                 nonfinite = True
+                _restore_buffers(net.module, saved[phase.network])
                 continue
             # Losses are this rank's share of the global-batch objective and the backends
             # average gradients over ranks: scaling by the world size makes gradients exact.
@@ -256,6 +267,7 @@ class Trainer:
             if not torch.isfinite(torch.as_tensor(terms["grad_norm"])) and self.cfg.train.precision != "fp16":
                 log.warning("step %d: non-finite %s gradients; update skipped", self.step + 1, phase.network)
                 nonfinite = True
+                _restore_buffers(net.module, saved[phase.network])
                 continue
             logged.update({(k + suffix if k in ("loss", "grad_norm") else k): v for k, v in terms.items()})
         self._count_nonfinite(nonfinite)
