@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,3 +183,34 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+_WATCHED = """
+import sys, time
+from xmdist import progress
+from xmdist.train.watchdog import Watchdog
+mode = sys.argv[1]
+w = Watchdog(1.0, 0)
+t0 = time.time()
+while time.time() - t0 < 4:  # 4 s of work, four times the timeout
+    if mode == "reports":
+        progress.report("evaluation: encoding split 'val'")  # what encode_split does per batch
+    time.sleep(0.1)
+if mode == "reports":
+    with progress.waiting("waiting for rank 0"):  # what on_main does on the other ranks
+        time.sleep(3)
+w.stop()
+print("alive")
+"""
+
+
+def test_evaluation_progress_keeps_the_watchdog_quiet():
+    """Evaluation batches and waits for rank 0 report progress: a healthy evaluation longer than
+    train.watchdog_s goes on; the same time without reports is a hang (exit 3)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, "-c", _WATCHED, "reports"], capture_output=True, text=True, env=env,
+                        timeout=120)
+    assert ok.returncode == 0 and "alive" in ok.stdout, ok.stderr[-2000:]
+    hung = subprocess.run([sys.executable, "-c", _WATCHED, "silent"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert hung.returncode == 3 and "made no progress" in hung.stderr, hung.stderr[-2000:]

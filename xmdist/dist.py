@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from xmdist import progress
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -190,7 +192,10 @@ def on_main(fn, env: DistEnv):
             result = fn()
         except Exception as e:  # re-raised below, on every rank
             error = (type(e), str(e))
-    error, result = broadcast_object((error, result))
+        error, result = broadcast_object((error, result))
+    else:
+        with progress.waiting("waiting for rank 0"):  # rank 0 is watched by its own watchdog
+            error, result = broadcast_object((error, result))
     if error is not None:
         raise error[0](error[1])
     return result

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from xmdist import progress
 from xmdist.data.info import Split
 from xmdist.data.loader import EvalStream, make_loader
 from xmdist.dist import DistEnv, gather_objects, gather_variable
@@ -26,6 +27,7 @@ def encode_split(method, model: torch.nn.Module, split: Split, decoder, env: Dis
     stream = EvalStream(split, decoder, batch_size, env.rank, env.world_size, max_items)
     ids, parts = [], {}
     for batch in make_loader(stream, num_workers, pin_memory=env.device.type == "cuda"):
+        progress.report(f"evaluation: encoding split '{split.name}'")
         n = len(batch["image_ids"])
         ids.append(batch["image_ids"])
         batch = decoder.to_device(batch, env.device)

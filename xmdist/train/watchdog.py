@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+from xmdist import progress
+
 log = logging.getLogger(__name__)
 
 EXIT_CODE = 3
@@ -24,20 +26,28 @@ class Watchdog:
         self.timeout_s, self.rank = timeout_s, rank
         self.what = "start"
         self._last = time.monotonic()
+        self._held: str | None = None  # waiting for another rank, which watches itself
         self._done = threading.Event()
         self._thread = None
         if timeout_s > 0:
             self._thread = threading.Thread(target=self._watch, name="xmdist-watchdog", daemon=True)
             self._thread.start()
+            progress.listen(self.beat, self.hold)  # evaluation batches and waits report through it
 
     def beat(self, what: str) -> None:
         """Progress: ``what`` was reached (named in the report if nothing follows)."""
         self._last, self.what = time.monotonic(), what
 
+    def hold(self, what: str | None) -> None:
+        """``what``: this rank waits for another one (rank 0 scoring an evaluation), which has a
+        watchdog of its own; no timeout while held. None: the wait is over."""
+        self._held = what
+        self._last = time.monotonic()
+
     def _watch(self) -> None:
         while not self._done.wait(min(5.0, self.timeout_s / 4)):
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+            if idle > self.timeout_s and self._held is None:
                 log.error("watchdog: rank %d made no progress for %.0f s after %s (train.watchdog_s=%g); "
                           "stacks of every thread follow, then exit %d", self.rank, idle, self.what,
                           self.timeout_s, EXIT_CODE)
@@ -52,3 +62,5 @@ class Watchdog:
 
     def stop(self) -> None:
         self._done.set()
+        if self._thread is not None:
+            progress.listen(None)
