@@ -345,25 +345,35 @@ class FeatureDecoder:
         self.max_pixels = max_pixels
         self.image_dim = math.prod(self.image_shape)
         self.labels, self.image_size = labels, image_size
+        self.label_width = num_labels  # of labels.npy, before the selection
         self.num_labels = len(labels) if labels is not None else num_labels  # after the selection
         # image_size > 0: the sample's image (resized, centre crop, uint8) instead of features,
         # for a model that fine-tunes its CNN end to end
 
     def item(self, sample: dict) -> tuple:
+        """Every array member is checked against the set's first sample (shape) and for NaN/inf:
+        a sample that fails is skipped and counted, never stacked, truncated or trained on."""
+        key = sample.get("__key__")
         tags = decode_npy(sample["tags.npy"]).astype(np.float32).reshape(-1)
-        labels = decode_npy(sample["labels.npy"]).astype(np.uint8).reshape(-1)
+        labels = decode_npy(sample["labels.npy"]).reshape(-1)
         if tags.shape[0] != self.text_dim:
-            raise ValueError(f"tags.npy has {tags.shape[0]} values; expected {self.text_dim}")
+            raise ValueError(f"tags.npy of sample {key} has {tags.shape[0]} values; expected {self.text_dim}")
+        if not np.isfinite(tags).all():
+            raise ValueError(f"tags.npy of sample {key} holds non-finite values")
+        if labels.shape[0] != self.label_width:
+            raise ValueError(f"labels.npy of sample {key} has {labels.shape[0]} values; expected {self.label_width}")
+        if not np.isfinite(labels.astype(np.float32)).all():
+            raise ValueError(f"labels.npy of sample {key} holds non-finite values")
+        labels = labels.astype(np.uint8)
         if self.image_size:
             image = resize_center_crop(decode_rgb(sample, self.image_size, self.max_pixels), self.image_size,
                                        self.image_size)
         else:
             feat = decode_npy(sample[self.feature]).astype(np.float32)
-            if feat.size != self.image_dim:
-                raise ValueError(f"{self.feature} has {feat.size} values; expected {self.image_dim}")
-            feat = feat.reshape(self.image_shape)
+            if feat.shape != self.image_shape:
+                raise ValueError(f"{self.feature} of sample {key} has shape {feat.shape}; expected {self.image_shape}")
             if not np.isfinite(feat).all():
-                raise ValueError(f"{self.feature} holds non-finite values")
+                raise ValueError(f"{self.feature} of sample {key} holds non-finite values")
             image = torch.from_numpy(feat)
         if self.labels is not None:
             labels = labels[self.labels]
