@@ -266,6 +266,31 @@ def test_resume_latest_and_best_need_a_checkpoint(base_run, tiny_shards, tmp_pat
     assert proc.returncode == 0 and "resumed from step_00000004: step 4" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_changed_shard_set_is_refused_on_resume(tiny_shards, tmp_path):
+    """Shards regenerated or edited between a stop and its resume (same steps per epoch): refused,
+    naming what changed and the override; with the override the run resumes with a warning."""
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    run = tmp_path / "run"
+    train(shards, run, "train.max_steps=2", *QUIET, nproc=1)
+    info = json.loads((shards / "_info.json").read_text())
+    info["seed"] = 7  # as if regenerated with another seed
+    (shards / "_info.json").write_text(json.dumps(info))
+    first = shards / info["splits"]["train"]["shards"][0]["name"]
+    data = bytearray(first.read_bytes())
+    data[1000] ^= 0xFF  # one byte of the first member's payload: same size, other content
+    first.write_bytes(bytes(data))
+    before = snapshot(run)
+    proc = train(shards, run, "train.max_steps=4", *QUIET, nproc=1, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"error: the training shards of {shards} changed since checkpoint step_00000002 (the set's seed 0 -> 7; "
+            f"{first.name}: content)") in proc.stderr, proc.stderr[-2000:]
+    assert "--set data.allow_changed_shards=true" in proc.stderr
+    assert_kept(before, run)
+    proc = train(shards, run, "train.max_steps=4", *QUIET, "data.allow_changed_shards=true", nproc=1)
+    assert "resuming on changed training shards" in proc.stdout and "resumed from step_00000002" in proc.stdout
+
+
 def test_checkpoint_needing_unpickling_is_refused_and_the_previous_used(base_run, tiny_shards, tmp_path):
     run = copy_run(base_run, tmp_path)
     marker = tmp_path / "unpickled"

@@ -59,6 +59,7 @@ class DataConfig:
     gpu_decode: bool = False  # decode JPEGs on the GPU (nvJPEG) when CPU decoding is the bottleneck
     resampled: bool = False  # draw shards with replacement (each worker from the whole split)
     epoch_steps: int = 0  # steps per epoch; 0: one pass over the split (floor(pairs / global batch))
+    allow_changed_shards: bool = False  # resume even when the training shards differ from the checkpoint's
 
     def validate(self) -> None:
         check(bool(self.shards.strip()), "data.shards", "required: the shard set directory (launch/make_shards.py "

@@ -1,9 +1,13 @@
 """Reading a shard set: ``_info.json`` plus the ``*.tar`` files it lists (see shards/README.md)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+HEAD_BYTES = 1 << 16  # bytes of each shard hashed by the fingerprint
 
 
 class ShardError(RuntimeError):
@@ -64,3 +68,39 @@ class ShardSet:
         if sum(counts) == 0:
             raise ShardError(f"split '{name}' in {self.root} has no samples")
         return Split(name, paths, counts)
+
+
+def fingerprint(split: Split, seed=None) -> dict:
+    """What a resumed run must find again: each shard's name, size, sample count and the SHA-1 of
+    its first 64 KB (one small read per shard), plus the set's generator seed. Plain types, so it
+    travels in a checkpoint loaded with ``weights_only``."""
+    shards = []
+    for path, count in zip(split.paths, split.counts):
+        with open(path, "rb") as f:
+            head = hashlib.sha1(f.read(HEAD_BYTES)).hexdigest()
+        shards.append([os.path.basename(path), os.path.getsize(path), count, head])
+    return {"split": split.name, "seed": seed, "shards": shards}
+
+
+def fingerprint_changes(old: dict, new: dict, limit: int = 5) -> list[str]:
+    """What differs between two :func:`fingerprint` results, in words ([] when nothing does)."""
+    out = []
+    if old.get("seed") != new.get("seed"):
+        out.append(f"the set's seed {old.get('seed')} -> {new.get('seed')}")
+    was, now = {s[0]: s[1:] for s in old["shards"]}, {s[0]: s[1:] for s in new["shards"]}
+    added, removed = sorted(set(now) - set(was)), sorted(set(was) - set(now))
+    if added:
+        out.append(f"{len(added)} shard(s) added ({', '.join(added[:limit])})")
+    if removed:
+        out.append(f"{len(removed)} shard(s) gone ({', '.join(removed[:limit])})")
+    for name in sorted(set(was) & set(now)):
+        (size0, n0, h0), (size1, n1, h1) = was[name], now[name]
+        if (size0, n0, h0) != (size1, n1, h1):
+            what = [f"size {size0} -> {size1} bytes"] if size0 != size1 else []
+            what += [f"samples {n0} -> {n1}"] if n0 != n1 else []
+            what += ["content"] if h0 != h1 and not what else []
+            out.append(f"{name}: {', '.join(what)}")
+            if len(out) >= 3 * limit:
+                out.append("...")
+                break
+    return out

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from xmdist.config import Config, ConfigError, save_config
-from xmdist.data.info import ShardSet
+from xmdist.data.info import ShardSet, fingerprint, fingerprint_changes
 from xmdist.data.loader import StreamPlan, TrainStream, make_loader, steps_per_epoch, worker_count
 from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, on_main
 from xmdist.eval import EvalRequest, get_protocol
@@ -151,6 +151,7 @@ class Trainer:
             raise ConfigError(refused)
         self.shards = ShardSet.open(cfg.data.shards)
         self.train_split = self.shards.split(cfg.data.train_split)
+        self.shard_print = fingerprint(self.train_split, self.shards.info.get("seed"))
         self.val_split = self.shards.split(cfg.data.val_split)
         d = cfg.data
         self.method = get_method(cfg.method)(cfg, env)
@@ -190,7 +191,7 @@ class Trainer:
     def save(self, best: bool = False) -> None:
         counters = {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
                     "best_score": self.best_score, "num_workers": self.num_workers,
-                    "world_size": self.env.world_size, "method": self.cfg.method}
+                    "world_size": self.env.world_size, "method": self.cfg.method, "shards": self.shard_print}
         path = self.ckpt.save(self.step, *pack_state(self.nets, counters), best=best)
         log.info("checkpoint %s%s", path, " (best)" if best else "")
 
@@ -218,6 +219,14 @@ class Trainer:
         if t["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"checkpoint {name} has {t['steps_per_epoch']} steps per epoch, this config "
                               f"{self.steps_per_epoch}: the batch size or the data changed")
+        changes = fingerprint_changes(t["shards"], self.shard_print) if "shards" in t else []
+        if changes and not self.cfg.data.allow_changed_shards:
+            raise ConfigError(f"the training shards of {self.cfg.data.shards} changed since checkpoint {name} "
+                              f"({'; '.join(changes)}): the data order and epochs of the resumed run would not be "
+                              f"those of the run. Use a new --out, or --set data.allow_changed_shards=true to "
+                              f"resume on the changed set anyway")
+        if changes:
+            log.warning("resuming on changed training shards (data.allow_changed_shards): %s", "; ".join(changes))
         if t["num_workers"] != self.num_workers:
             log.warning("loader workers changed (%d -> %d): the data order after resume differs",
                         t["num_workers"], self.num_workers)
