@@ -214,3 +214,22 @@ def test_evaluation_progress_keeps_the_watchdog_quiet():
     hung = subprocess.run([sys.executable, "-c", _WATCHED, "silent"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert hung.returncode == 3 and "made no progress" in hung.stderr, hung.stderr[-2000:]
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny_shards, tmp_path):
+    """Writing checkpoint 4 fails on rank 1 as on a full disk: every rank stops with exit 2 and a
+    message naming the path and the free space; no partial directory stays; latest is still 2 and
+    rerunning resumes from it."""
+    out = tmp_path / "run"
+    sets = ["train.max_steps=6", "train.ckpt_every=2", "train.eval_every=1000", "train.log_every=1"]
+    proc = train(tiny_shards, out, *sets, check=False, fault="enospc@4:1")
+    assert proc.returncode != 0
+    ckpt = out / "checkpoints"
+    assert (f"error: could not write checkpoint {ckpt / 'step_00000004.tmp'} (rank 1: OSError: [Errno 28] No space "
+            f"left on device)") in proc.stderr, proc.stderr[-3000:]
+    assert "MiB free on its file system" in proc.stderr and "the latest complete one is step_00000002" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr or "exitcode: 2" in proc.stderr.replace(" ", "")
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002"]
+    assert (ckpt / "latest").read_text().strip() == "step_00000002"
+    proc = train(tiny_shards, out, *sets)
+    assert "resumed from step_00000002: step 2" in proc.stdout

@@ -27,6 +27,7 @@ from xmdist.config import ConfigError
 from xmdist.data.info import ShardError
 from xmdist.dist import DistEnv, init_distributed
 from xmdist.methods import load_config
+from xmdist.train.checkpoint import CheckpointWriteError
 from xmdist.train.logger import setup_console
 from xmdist.train.trainer import NonFiniteError, Stopped, Trainer
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             trainer.close()
         return 0
 
-    return run_launcher(body, (ConfigError, ShardError, FileNotFoundError))
+    return run_launcher(body, (ConfigError, ShardError, FileNotFoundError, CheckpointWriteError))
 
 
 if __name__ == "__main__":

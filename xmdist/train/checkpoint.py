@@ -12,6 +12,7 @@ so a killed job never leaves a half-written ``step_X``. Files load with ``weight
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -25,9 +26,13 @@ import torch
 
 from xmdist.config import ConfigError
 from xmdist.io import write_text_atomic
-from xmdist.dist import DistEnv, all_reduce_sum, barrier
+from xmdist.dist import DistEnv, all_reduce_sum, barrier, gather_objects
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); nothing partial is left."""
 
 
 def _safe_globals() -> list:
@@ -98,17 +103,38 @@ class CheckpointManager:
         p = self.dir / name
         return p.read_text().strip() if p.is_file() else None
 
-    def save(self, step: int, shared: dict, rank: dict, best: bool = False) -> Path:
-        """Collective: every rank writes its part, rank 0 publishes the directory."""
+    def save(self, step: int, shared: dict, rank: dict, best: bool = False,
+             fail: bool = False) -> Path:
+        """Collective: every rank writes its part, rank 0 publishes the directory. A write that
+        fails on any rank (disk full, quota, I/O error) removes the partial directory on every
+        rank's behalf and raises :class:`CheckpointWriteError` on all of them; ``latest`` still
+        names the previous checkpoint. ``fail``: this rank's write raises ENOSPC (fault injection)."""
         name = f"step_{step:08d}"
         final, tmp = self.dir / name, self.dir / f"{name}.tmp"
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        torch.save(rank, tmp / f"rank_{self.env.rank:05d}.pt")
-        if self.env.is_main:
-            torch.save(shared, tmp / "shared.pt")
+        error = ""
+        try:
+            if fail:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            torch.save(rank, tmp / f"rank_{self.env.rank:05d}.pt")
+            if self.env.is_main:
+                torch.save(shared, tmp / "shared.pt")
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError (iostream error)
+            error = f"rank {self.env.rank}: {type(e).__name__}: {e}"
+        errors = [e for e in gather_objects(error) if e]
+        if errors:
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            barrier()
+            free = shutil.disk_usage(self.dir).free / 2**20
+            previous = self._pointer("latest") or "none"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {tmp} ({'; '.join(errors)}); {free:,.0f} MiB free on its file system. "
+                f"The partial checkpoint was removed; the latest complete one is {previous}. Free space (or "
+                f"lower train.keep_last), then rerun the command to resume from it")
         barrier()
         if self.env.is_main:
             if final.exists():  # the same step saved again (e.g. after a final evaluation)

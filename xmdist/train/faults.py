@@ -10,7 +10,8 @@ on every rank when RANK is left out. Kinds:
   scheduler's pre-emption warning at a known step);
 * ``sigterm`` / ``sigint`` / ``sigusr1``: after the step, the process signals itself;
 * ``kill``: after the step, the process dies at once (SIGKILL: no handler, no checkpoint);
-* ``hang``: after the step, the rank sleeps for an hour (the watchdog must end the run).
+* ``hang``: after the step, the rank sleeps for an hour (the watchdog must end the run);
+* ``enospc``: writing the checkpoint of that step fails on the rank as on a full disk.
 
 Faults fire only on a first attempt, not in a process restarted by torchrun
 (``TORCHELASTIC_RESTART_COUNT``) or a job requeued by SLURM (``SLURM_RESTART_COUNT``), so a
@@ -27,7 +28,8 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-KINDS = ("nan", "pause", "sigterm", "sigint", "sigusr1", "kill", "hang")
+KINDS = ("nan", "pause", "sigterm", "sigint", "sigusr1", "kill", "hang", "enospc")
+AFTER_STEP = ("pause", "sigterm", "sigint", "sigusr1", "kill", "hang")
 ENV = "XMDIST_FAULT"
 
 
@@ -73,8 +75,12 @@ class FaultInjector:
         """True when the loss of ``step`` must become NaN."""
         return bool(self._due(step, ("nan",)))
 
+    def disk_full(self, step: int) -> bool:
+        """True when the checkpoint of ``step`` must fail as if the disk were full."""
+        return bool(self._due(step, ("enospc",)))
+
     def after_step(self, step: int, stop_requested: Callable[[], bool]) -> None:
-        for f in self._due(step, KINDS[1:]):
+        for f in self._due(step, AFTER_STEP):
             log.warning("fault: %s after step %d", f.kind, step)
             if f.kind == "pause":
                 log.warning("fault: pausing after step %d until a signal arrives", step)

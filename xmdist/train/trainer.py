@@ -192,7 +192,8 @@ class Trainer:
         counters = {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
                     "best_score": self.best_score, "num_workers": self.num_workers,
                     "world_size": self.env.world_size, "method": self.cfg.method, "shards": self.shard_print}
-        path = self.ckpt.save(self.step, *pack_state(self.nets, counters), best=best)
+        path = self.ckpt.save(self.step, *pack_state(self.nets, counters), best=best,
+                              fail=self.faults.disk_full(self.step))
         log.info("checkpoint %s%s", path, " (best)" if best else "")
 
     def _resume(self, which: str) -> None:
