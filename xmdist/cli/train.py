@@ -37,7 +37,8 @@ log = logging.getLogger("xmdist.train")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults apply where it is silent")
-    p.add_argument("--out", required=True, help="run directory: config, vocab, checkpoints, tb/, eval.json")
+    p.add_argument("--out", help="run directory: config, vocab, checkpoints, tb/, eval.json (required unless "
+                                 "--print-config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set optim.lr=1e-4 (repeatable)")
     p.add_argument("--resume", default="auto", type=resume_choice,
@@ -45,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "latest: the same, but refuse to start without one; none: start fresh; "
                         "step_XXXXXXXX or best: that checkpoint of --out")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.out and not args.print_config:
+        p.error("the following arguments are required: --out")
+    return args
 
 
 def resume_choice(value: str) -> str:

@@ -239,6 +239,20 @@ def decode_meta(sample: dict) -> dict:
     return json.loads(sample["json"].decode("utf-8"))
 
 
+def checked_captions(meta: dict, sample: dict) -> list[str]:
+    """The sample's ``captions``: a non-empty list of non-empty strings, else ValueError (a string
+    where the list belongs would otherwise be read as one caption per letter)."""
+    caps = meta.get("captions")
+    key = sample.get("__key__")
+    if not isinstance(caps, list) or not caps:
+        raise ValueError(f"sample {key}: json 'captions' must be a non-empty list of strings, got "
+                         f"{type(caps).__name__} {str(caps)[:40]!r}")
+    bad = [i for i, c in enumerate(caps) if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ValueError(f"sample {key}: caption {bad[0]} is empty or not a string ({caps[bad[0]]!r})")
+    return caps
+
+
 def batch_to_device(batch: dict, device: torch.device) -> dict:
     """Every tensor of a batch on ``device`` (asynchronously from pinned memory)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -275,7 +289,7 @@ class SampleDecoder:
         With ``gpu_decode`` the image stays encoded: (JPEG bytes as uint8, seed) instead.
         """
         meta = decode_meta(sample)
-        tokens = self.vocab.encode(meta["captions"][caption], self.max_words)
+        tokens = self.vocab.encode(checked_captions(meta, sample)[caption], self.max_words)
         seed = self._seed(sample, caption, salt)
         if self.gpu_decode:
             if "jpg" not in sample and "jpeg" not in sample:
@@ -321,7 +335,7 @@ class SampleDecoder:
         for sample in samples:
             meta = decode_meta(sample)
             images.append(self.eval_view(sample))
-            captions += [self.vocab.encode(c, self.max_words) for c in meta["captions"]]
+            captions += [self.vocab.encode(c, self.max_words) for c in checked_captions(meta, sample)]
             ids.append(int(meta["id"]))
         tokens, lengths = pad_captions(captions)
         return {"images": torch.stack(images), "tokens": tokens, "lengths": lengths,

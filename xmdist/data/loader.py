@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from xmdist.data.decode import DECODE_ERRORS, SampleDecoder, decode_meta, npy_holds_objects
+from xmdist.data.decode import DECODE_ERRORS, SampleDecoder, checked_captions, decode_meta, npy_holds_objects
 from xmdist.data.info import ShardError, Split
 from xmdist.data.vocab import Vocab
 
@@ -203,7 +203,7 @@ def build_vocab(split: Split, min_count: int) -> Vocab:
         for sample in iter_raw_samples(list(split.paths)):
             read += 1
             try:
-                yield from decode_meta(sample)["captions"]
+                yield from checked_captions(decode_meta(sample), sample)
             except DECODE_ERRORS as e:
                 log.warning("vocabulary: skipping sample %s: %s", sample.get("__key__"), e)
 

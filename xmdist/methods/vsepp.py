@@ -10,6 +10,7 @@ from xmdist.config import check
 from xmdist.methods.base import Network
 from xmdist.methods.captions import CaptionMethod
 from xmdist.methods.registry import register
+from xmdist.models.backbones import TORCHVISION_BACKBONES
 from xmdist.models.vse import VSEModel
 
 
@@ -23,6 +24,8 @@ class VSEModelConfig:
     text_layers: int = 1
 
     def validate(self) -> None:
+        known = ("small_cnn", *TORCHVISION_BACKBONES)
+        check(self.backbone in known, "model.backbone", f"unknown backbone {self.backbone!r}; known: {', '.join(known)}")
         check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
         check(self.word_dim >= 1, "model.word_dim", "must be >= 1")
         check(self.text_layers >= 1, "model.text_layers", "must be >= 1")
