@@ -164,7 +164,18 @@ def test_shard_set_without_samples(tiny_shards, tmp_path, case):
     proc = train(shards, tmp_path / "run", "train.max_steps=2", nproc=1, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # the refused start left no run directory (no vocab.json, no lock)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=400", "error: split 'train' has 280 training pairs, fewer than one global batch (400"),
+    ("data.shards=/nonexistent/shards", "error: shard directory /nonexistent/shards does not exist"),
+])
+def test_start_checks_run_before_any_pass_over_the_data(tiny_shards, tmp_path, override, message):
+    proc = train(tiny_shards, tmp_path / "run", "train.max_steps=2", override, nproc=1, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "vocabulary:" not in proc.stdout  # refused before the vocabulary pass
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ configuration

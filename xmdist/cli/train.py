@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 from xmdist.cli import run_launcher
 from xmdist.config import ConfigError
@@ -78,7 +80,13 @@ def main(argv=None) -> int:
         env = DistEnv.from_environ(device=cfg.train.device)
         setup_console(env)
         init_distributed(env, cfg.train.dist_timeout_s)
-        trainer = Trainer(cfg, env, args.out, args.resume)
+        new_dir = env.is_main and not Path(args.out).exists()
+        try:
+            trainer = Trainer(cfg, env, args.out, args.resume)
+        except BaseException:
+            if new_dir:  # a refused start leaves no run directory behind (only what it had just written)
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
         try:
             trainer.fit()
         except Stopped as stop:

@@ -143,28 +143,29 @@ class Trainer:
         torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
         if resume != "none":
             check_resume_config(cfg, self.run_dir)  # on every rank: all of them stop alike
-        # rank 0 locks the run directory for the job before anything is written (a second job on
-        # the same --out stops here on every rank)
-        self.lock = RunLock(self.run_dir)
-        refused = on_main(lambda: _try_lock(self.lock), env)
-        if refused:
-            raise ConfigError(refused)
+        # every check that reads no more than the shard list runs before anything is written
         self.shards = ShardSet.open(cfg.data.shards)
         self.train_split = self.shards.split(cfg.data.train_split)
         self.shard_print = fingerprint(self.train_split, self.shards.info.get("seed"))
         self.val_split = self.shards.split(cfg.data.val_split)
         d = cfg.data
         self.method = get_method(cfg.method)(cfg, env)
-        self.method.prepare(self.shards, self.run_dir, train=True)  # e.g. the vocabulary, once
         self.protocol = get_protocol(self.method.protocol)
         self.score_key = self.method.score_key or self.protocol.score_key  # picks the best checkpoint
         self.ncap, self.caption_mode = self.method.pairs(self.shards)  # texts per image in the stream
         if d.gpu_decode and env.device.type != "cuda":
             raise ConfigError("data.gpu_decode: needs a CUDA device")
-        self.decoder = self.method.make_decoder(self.shards)
         self.steps_per_epoch = d.epoch_steps or steps_per_epoch(self.train_split, self.ncap, self.caption_mode,
                                                                 d.batch_size * env.world_size)
         self.num_workers = worker_count(self.train_split, env.world_size, d.num_workers, d.resampled)
+        # rank 0 locks the run directory for the job before anything is written (a second job on
+        # the same --out stops here on every rank)
+        self.lock = RunLock(self.run_dir)
+        refused = on_main(lambda: _try_lock(self.lock), env)
+        if refused:
+            raise ConfigError(refused)
+        self.method.prepare(self.shards, self.run_dir, train=True)  # e.g. the vocabulary, once
+        self.decoder = self.method.make_decoder(self.shards)
         self.nets = {name: build_backend(net.module, net.optim, self.steps_per_epoch, cfg, env)
                      for name, net in self.method.build().items()}
         self.model = self.nets["model"]  # the retrieval model: evaluation and final test
