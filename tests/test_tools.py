@@ -290,3 +290,22 @@ def _timed(fn, *args) -> float:
     t = time.perf_counter()
     fn(*args)
     return time.perf_counter() - t
+
+
+def test_eval_folds_are_checked(run, tiny_shards, tmp_path, capsys):
+    from xmdist.cli import eval as eval_cli
+
+    base = ["--checkpoint", str(run), "--shards", str(tiny_shards), "--split", "test", "--out", str(tmp_path / "r.json"),
+            "--tb", "none"]
+    assert eval_cli.main([*base, "--folds", "0"]) == 2  # 0 was silently the config's value before
+    assert "--folds and --examples must be >= 1 (got --folds 0" in capsys.readouterr().err
+    assert eval_cli.main([*base, "--folds", "41"]) == 2
+    assert "--folds 41: split 'test' has 40 images, fewer than one per fold" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_training_refuses_more_folds_than_images(tiny_shards, tmp_path):
+    proc = train(tiny_shards, tmp_path / "run", "train.max_steps=2", "eval.folds=50", nproc=1, check=False)
+    assert proc.returncode == 2 and ("error: eval.folds: 50 folds, but split 'test' gives 40 images to evaluate"
+                                     in proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -68,9 +68,12 @@ def main(argv=None) -> int:
                            f"--mode {method.protocol}")
         shards = ShardSet.open(args.shards or cfg.data.shards)
         split = shards.split(args.split or cfg.data.test_split)
-        args.folds = args.folds or cfg.eval.folds
+        args.folds = cfg.eval.folds if args.folds is None else args.folds
         if args.folds < 1 or args.examples < 1:
-            raise RunError("--folds and --examples must be >= 1")
+            raise RunError(f"--folds and --examples must be >= 1 (got --folds {args.folds}, --examples {args.examples})")
+        if args.folds > split.num_samples:
+            raise RunError(f"--folds {args.folds}: split '{split.name}' has {split.num_samples} images, fewer than "
+                           f"one per fold (5 folds of 1,000 is the COCO-1K protocol; 1: the whole split)")
         tb = None if args.tb == "none" else (args.tb or str(Path(args.checkpoint) / "tb_eval"))
         init_distributed(env, cfg.train.dist_timeout_s)
         protocol = get_protocol(args.mode)

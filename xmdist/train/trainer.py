@@ -148,6 +148,13 @@ class Trainer:
         self.train_split = self.shards.split(cfg.data.train_split)
         self.shard_print = fingerprint(self.train_split, self.shards.info.get("seed"))
         self.val_split = self.shards.split(cfg.data.val_split)
+        test = self.shards.split(cfg.data.test_split)
+        val_images = min(self.val_split.num_samples, cfg.eval.max_val_images or self.val_split.num_samples)
+        for key, folds, split, n in (("eval.folds", cfg.eval.folds, test, test.num_samples),
+                                     ("eval.val_folds", cfg.eval.val_folds, self.val_split, val_images)):
+            if folds > n:
+                raise ConfigError(f"{key}: {folds} folds, but split '{split.name}' gives {n} images to evaluate "
+                                  f"(fewer than one per fold)")
         d = cfg.data
         self.method = get_method(cfg.method)(cfg, env)
         self.protocol = get_protocol(self.method.protocol)
