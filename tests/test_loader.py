@@ -326,3 +326,21 @@ def test_jpeg_scaled_decoding_matches_pil_draft_and_keeps_cmyk():
     Image.fromarray(pixels).convert("CMYK").save(cmyk, format="JPEG", quality=90)
     got = decode_pixels({"jpg": cmyk.getvalue()}, 100)
     assert got.shape == (150, 250, 3) and np.abs(got.astype(int) - pixels[::2, ::2].astype(int)).mean() < 20
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loaders_leave_the_global_generators_alone(tiny_shards, workers):
+    """Iterating a loader must not draw from the global torch generator (a DataLoader without its
+    own generator does, once per iteration): a resumed run, which iterates its loader a different
+    number of times, would otherwise continue with other dropout masks."""
+    import random
+
+    split = ShardSet.open(tiny_shards).split("val")
+    decoder = SampleDecoder(build_vocab(split, 1), 32, 32, (0.5, 1.0), False, 20)
+    torch.manual_seed(3)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    for _ in range(2):
+        for _batch in make_loader(EvalStream(split, decoder, 16, 0, 1), workers, False):
+            pass
+    after = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1])
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and (before[2] == after[2]).all()

@@ -235,8 +235,14 @@ def _quiet_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over one of xmdist's streams. It has a generator of its own: a DataLoader
+    without one draws its workers' base seed from the GLOBAL torch generator each time it is
+    iterated, so a run resumed mid-epoch (one iteration fewer or more than an uninterrupted run)
+    would continue with other global random numbers (dropout, random init of late modules). The
+    streams draw nothing from it: their order comes from their own seeds."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None, worker_init_fn=_quiet_worker)
+                      prefetch_factor=4 if num_workers else None, worker_init_fn=_quiet_worker,
+                      generator=torch.Generator().manual_seed(0))
 
 
 class EvalStream(IterableDataset):
