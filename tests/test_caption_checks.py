@@ -36,3 +36,21 @@ def test_print_config_needs_no_out():
     assert shown.returncode == 0 and "method: vsepp" in shown.stdout, shown.stderr[-2000:]
     missing = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "the following arguments are required: --out" in missing.stderr
+
+
+def test_caption_method_on_a_feature_set_is_refused_before_any_pass(tiny_shards, tmp_path):
+    import json
+    import shutil
+
+    from test_smoke import train
+
+    shards = tmp_path / "features"
+    shutil.copytree(tiny_shards, shards)
+    info = json.loads((shards / "_info.json").read_text())
+    info["members"] = ["fc7.npy", "json", "labels.npy", "tags.npy"]  # what extract_features.py writes
+    (shards / "_info.json").write_text(json.dumps(info))
+    proc = train(shards, tmp_path / "run", "train.max_steps=2", nproc=1, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"error: {shards} holds fc7.npy, json, labels.npy, tags.npy per sample and no image (jpg/jpeg/png): "
+            f"method vsepp trains on image shards") in proc.stderr
+    assert "vocabulary:" not in proc.stdout and not (tmp_path / "run").exists()

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xmdist.data.decode import SampleDecoder
-from xmdist.data.info import ShardSet
+from xmdist.data.decode import IMAGE_KEYS, SampleDecoder
+from xmdist.data.info import ShardError, ShardSet
 from xmdist.data.loader import build_vocab
 from xmdist.data.vocab import Vocab, pad_captions, tokenize
 from xmdist.dist import gather, on_main
@@ -56,7 +56,18 @@ class CaptionMethod(Method):
     vocab: Vocab
 
     def prepare(self, shards: ShardSet, run_dir: Path | None, train: bool = True) -> None:
+        check_image_members(shards, self.cfg.method)
         self.vocab = caption_vocab(self.cfg, shards, run_dir, self.env, train)
+
+
+def check_image_members(shards: ShardSet, method: str) -> None:
+    """Caption methods read images and captions: a set whose ``_info.json`` lists its members and
+    names no image among them (a feature set) is refused before any pass over the data."""
+    members = shards.info.get("members")
+    if members and not set(members) & set(IMAGE_KEYS):
+        raise ShardError(f"{shards.root} holds {', '.join(members)} per sample and no image "
+                         f"({'/'.join(IMAGE_KEYS)}): method {method} trains on image shards with json captions "
+                         f"(launch/make_shards.py); feature sets are for djsrh, sgrn and cmfah")
 
     def pairs(self, shards: ShardSet) -> tuple[int, str]:
         return shards.captions_per_image, self.cfg.data.caption_mode
