@@ -309,3 +309,20 @@ def test_training_refuses_more_folds_than_images(tiny_shards, tmp_path):
     assert proc.returncode == 2 and ("error: eval.folds: 50 folds, but split 'test' gives 40 images to evaluate"
                                      in proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_search_refuses_empty_queries_unknown_words_and_empty_indexes(run, indexes, tmp_path, capsys):
+    img, _ = indexes
+    base = ["--run", str(run), "--index", str(img)]
+    assert search_cli.main([*base, "--text", "   "]) == 2
+    assert "the text query '   ' has no words" in capsys.readouterr().err
+    assert search_cli.main([*base, "--text", "zebra quokka"]) == 2
+    err = capsys.readouterr().err
+    assert "no word of 'zebra quokka' is known to the run" in err and "<unk>" in err
+    assert search_cli.main([*base, "--text", "a red zebra"]) == 0  # some words known: a note, then results
+    assert "not in the vocabulary (encoded as <unk>): zebra" in capsys.readouterr().err
+    index = load_index(img)
+    empty = tmp_path / "empty"
+    save_index(empty, index.ids[:0], index.data[:0], [], "embedding", {"items": "images", "source": index.meta["source"]})
+    assert search_cli.main(["--run", str(run), "--index", str(empty), "--text", "a red circle"]) == 2
+    assert "holds no items" in capsys.readouterr().err

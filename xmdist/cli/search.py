@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from xmdist.config import ConfigError
+from xmdist.data.vocab import tokenize
 from xmdist.methods.base import QueryError
 from xmdist.tools.index import IndexFormatError, load_index, search_rows
 from xmdist.tools.query import encode_captions, encode_images, unknown_words
@@ -48,7 +49,11 @@ def main(argv=None) -> int:
     try:
         if args.k < 1:
             raise RunError(f"-k must be >= 1, got {args.k}")
+        if args.text is not None and not tokenize(args.text):
+            raise QueryError(f"the text query {args.text!r} has no words")
         index = load_index(args.index)
+        if len(index) == 0:
+            raise IndexFormatError(f"{args.index} holds no items: encode a split with launch/encode.py")
         items = index.meta.get("items", "images")
         source = index.meta.get("source", {})
         if args.text is not None and items != "images":
@@ -68,6 +73,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if args.text is not None:
             unknown = unknown_words(loaded, args.text)
+            if unknown and set(tokenize(args.text)) <= set(unknown):
+                raise QueryError(f"no word of {args.text!r} is known to the run ({', '.join(unknown)} are not in its "
+                                 f"vocabulary): the query would encode nothing but <unk>")
             if unknown:
                 print(f"note: not in the vocabulary (encoded as <unk>): {', '.join(unknown)}", file=sys.stderr)
             query, what = encode_captions(loaded, args.text)[0], f'text "{args.text}" -> images'

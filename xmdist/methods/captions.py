@@ -46,6 +46,16 @@ def caption_vocab(cfg, shards: ShardSet, run_dir: Path, env, train: bool) -> Voc
     return Vocab.load(path)
 
 
+def check_image_members(shards: ShardSet, method: str) -> None:
+    """Caption methods read images and captions: a set whose ``_info.json`` lists its members and
+    names no image among them (a feature set) is refused before any pass over the data."""
+    members = shards.info.get("members")
+    if members and not set(members) & set(IMAGE_KEYS):
+        raise ShardError(f"{shards.root} holds {', '.join(members)} per sample and no image "
+                         f"({'/'.join(IMAGE_KEYS)}): method {method} trains on image shards with json captions "
+                         f"(launch/make_shards.py); feature sets are for djsrh, sgrn and cmfah")
+
+
 class CaptionMethod(Method):
     """Base of methods whose text is a caption encoded with the run's vocabulary; the model has
     ``encode_image(images)`` and ``encode_text(tokens, lengths)``."""
@@ -59,15 +69,6 @@ class CaptionMethod(Method):
         check_image_members(shards, self.cfg.method)
         self.vocab = caption_vocab(self.cfg, shards, run_dir, self.env, train)
 
-
-def check_image_members(shards: ShardSet, method: str) -> None:
-    """Caption methods read images and captions: a set whose ``_info.json`` lists its members and
-    names no image among them (a feature set) is refused before any pass over the data."""
-    members = shards.info.get("members")
-    if members and not set(members) & set(IMAGE_KEYS):
-        raise ShardError(f"{shards.root} holds {', '.join(members)} per sample and no image "
-                         f"({'/'.join(IMAGE_KEYS)}): method {method} trains on image shards with json captions "
-                         f"(launch/make_shards.py); feature sets are for djsrh, sgrn and cmfah")
 
     def pairs(self, shards: ShardSet) -> tuple[int, str]:
         return shards.captions_per_image, self.cfg.data.caption_mode
