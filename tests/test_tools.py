@@ -131,7 +131,7 @@ def test_search_cli(run, indexes, tmp_path, capsys):
 
 def test_eval_matches_training_and_writes_tensorboard(run, tiny_shards, tmp_path):
     out, tb = tmp_path / "results.json", tmp_path / "tb"
-    launch("eval.py", "--checkpoint", run, "--which", "best", "--shards", tiny_shards, "--split", "test",
+    launch("eval.py", "--run", run, "--checkpoint", "best", "--shards", tiny_shards, "--split", "test",
            "--folds", "1", "--out", out, "--tb", tb)
     got, ref = json.loads(out.read_text()), json.loads((run / "eval.json").read_text())
     assert got["checkpoint"] == ref["checkpoint"] and got["step"] != 0

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from xmdist.cli import HelpFormatter
 from xmdist.tools.tables import ROOT, ROWS, Row, mfsr_table, result_entry, run_rows, update_results_json
 
 ALL_ROWS = {"vsepp": "VSE++ (the demo)", **ROWS}
@@ -30,7 +31,7 @@ def table_row(name: str, overrides: list[str]) -> Row:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {', '.join(ALL_ROWS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -16,13 +16,14 @@ import json
 import sys
 from pathlib import Path
 
+from xmdist.cli import HelpFormatter
 from xmdist.benchmarks import graph, loader, metrics, train, triplet
 
 BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics, "graph": graph, "triplet": triplet}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
     for name, module in BENCHMARKS.items():
         sp = sub.add_parser(name, help=module.__doc__.splitlines()[0])

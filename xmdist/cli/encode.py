@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from xmdist.cli import run_launcher
+from xmdist.cli import HelpFormatter, run_launcher
 from xmdist.config import ConfigError
 from xmdist.data.info import ShardError, ShardSet
 from xmdist.data.splits import read_split_meta
@@ -36,7 +36,7 @@ log = logging.getLogger("xmdist.encode")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--run-dir", "--run", dest="run", required=True,
                    help="run directory written by launch/train.py (under torchrun spell it --run-dir: torchrun "
                         "takes --run for an abbreviation of its own --run-path)")

@@ -1,13 +1,13 @@
 """Evaluate a checkpoint of a run: metrics to JSON, metrics and retrieval examples to TensorBoard.
 
     # the best validation checkpoint on the test split, 2 processes (same numbers as the run's eval.json)
-    torchrun --nproc_per_node=2 launch/eval.py --checkpoint runs/demo --split test --out results.json
+    torchrun --nproc_per_node=2 launch/eval.py --run runs/demo --split test --out results.json
     # another checkpoint, COCO-1K protocol, another TensorBoard directory
-    torchrun ... launch/eval.py --checkpoint runs/coco --which step_00012000 --folds 5 \
+    torchrun ... launch/eval.py --run runs/coco --checkpoint step_00012000 --folds 5 \
         --out coco1k.json --tb runs/coco/tb_eval_1k
 
     # a hashing run (DJSRH, SGRN): test queries against the training set as database
-    torchrun ... launch/eval.py --checkpoint runs/sgrn64 --split test --database train --out sgrn64.json
+    torchrun ... launch/eval.py --run runs/sgrn64 --split test --database train --out sgrn64.json
 
 ``--mode`` is the run's evaluation protocol (``xmdist.eval``): ``common`` (common-space
 R@1/5/10, medr, meanr, rsum) or ``hamming`` (sign codes of the query split against the database
@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
-from xmdist.cli import run_launcher
+from xmdist.cli import HelpFormatter, run_launcher
 from xmdist.config import ConfigError
 from xmdist.data.info import ShardError, ShardSet
 from xmdist.dist import DistEnv, init_distributed
@@ -36,9 +37,10 @@ log = logging.getLogger("xmdist.eval")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory written by train.py")
-    p.add_argument("--which", default="best", help="best (default), latest or step_XXXXXXXX")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--run", help="run directory written by train.py")
+    p.add_argument("--checkpoint", help="best, latest or step_XXXXXXXX of the run (default: best)")
+    p.add_argument("--which", help=argparse.SUPPRESS)  # the earlier name of --checkpoint
     p.add_argument("--shards", help="shard set directory (default: the run's data.shards)")
     p.add_argument("--split", help="split to evaluate (default: the run's data.test_split)")
     p.add_argument("--folds", type=int, help="1: whole split; 5: COCO-1K (default: the run's eval.folds)")
@@ -51,7 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=4, help="query images and captions shown (default 4)")
     p.add_argument("--batch-size", type=int, default=0, help="images per rank per step (default: eval.batch_size)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.run is None and args.checkpoint and Path(args.checkpoint).is_dir():
+        # the earlier spelling: --checkpoint RUN_DIR [--which NAME]
+        print("note: --checkpoint RUN_DIR is now --run RUN_DIR (--checkpoint names the checkpoint)", file=sys.stderr)
+        args.run, args.checkpoint = args.checkpoint, None
+    if args.run is None:
+        p.error("the following arguments are required: --run")
+    args.checkpoint = args.checkpoint or args.which or "best"
+    return args
 
 
 def main(argv=None) -> int:
@@ -60,11 +70,11 @@ def main(argv=None) -> int:
     def body() -> int:
         env = DistEnv.from_environ(device=args.device)
         setup_console(env)
-        loaded = load_run(args.checkpoint, args.which, env.device, shards=args.shards)  # checked before collectives
+        loaded = load_run(args.run, args.checkpoint, env.device, shards=args.shards)  # checked before collectives
         cfg, method = loaded.config, loaded.method
         args.mode = args.mode or method.protocol
         if args.mode != method.protocol:
-            raise RunError(f"--mode {args.mode}: {args.checkpoint} is a {cfg.method} run, evaluated with "
+            raise RunError(f"--mode {args.mode}: {args.run} is a {cfg.method} run, evaluated with "
                            f"--mode {method.protocol}")
         shards = ShardSet.open(args.shards or cfg.data.shards)
         split = shards.split(args.split or cfg.data.test_split)
@@ -74,7 +84,7 @@ def main(argv=None) -> int:
         if args.folds > split.num_samples:
             raise RunError(f"--folds {args.folds}: split '{split.name}' has {split.num_samples} images, fewer than "
                            f"one per fold (5 folds of 1,000 is the COCO-1K protocol; 1: the whole split)")
-        tb = None if args.tb == "none" else (args.tb or str(Path(args.checkpoint) / "tb_eval"))
+        tb = None if args.tb == "none" else (args.tb or str(Path(args.run) / "tb_eval"))
         init_distributed(env, cfg.train.dist_timeout_s)
         protocol = get_protocol(args.mode)
         req = EvalRequest(method, loaded.model, loaded.decoder, shards, split, env,
@@ -82,7 +92,7 @@ def main(argv=None) -> int:
                           folds=args.folds, database=args.database or "", topk=args.topk, curves=True)
         metrics, encoded = protocol.run(req)
         if env.is_main:
-            result = {"run": str(Path(args.checkpoint).resolve()), "split": split.name,
+            result = {"run": str(Path(args.run).resolve()), "split": split.name,
                       "checkpoint": loaded.checkpoint, "step": loaded.step, "folds": args.folds, "mode": args.mode,
                       "shards": str(shards.root.resolve()), **metrics}
             if tb:

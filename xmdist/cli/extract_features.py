@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from xmdist.cli import run_launcher
+from xmdist.cli import HelpFormatter, run_launcher
 from xmdist.data.info import ShardError
 from xmdist.dist import DistEnv
 from xmdist.models.backbones import FeatureError
@@ -36,7 +36,7 @@ __all__ = ["check_args", "main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--shards", required=True, help="source shard set (launch/make_shards.py)")
     p.add_argument("--out", required=True, help="output directory for the feature shard set")
     p.add_argument("--backbone", required=True,

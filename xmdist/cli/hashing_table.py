@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from xmdist.cli import HelpFormatter
 from xmdist.tools.tables import (ABLATION_NAMES, CMFAH_ABLATIONS, ROOT, Row, entries_table, hashing_table,
                                  result_entry, run_rows, update_results_json)
 
@@ -47,7 +48,7 @@ def table_rows(methods: list[str], bits: list[int], ablations: str, overrides: l
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", help="directory of the runs and hashing.md (required unless --report)")
     p.add_argument("--bits", default="16,32,64,128")
     p.add_argument("--methods", default="djsrh,sgrn,cmfah")

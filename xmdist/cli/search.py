@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from xmdist.cli import HelpFormatter
 from xmdist.config import ConfigError
 from xmdist.data.vocab import tokenize
 from xmdist.methods.base import QueryError
@@ -31,7 +32,7 @@ METRICS = {"dot": "dot product, higher is better", "hamming": "Hamming distance,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory whose model encodes the query")
     p.add_argument("--index", required=True, help="index directory written by launch/encode.py")
     q = p.add_mutually_exclusive_group(required=True)

@@ -24,7 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-from xmdist.cli import run_launcher
+from xmdist.cli import HelpFormatter, run_launcher
 from xmdist.config import ConfigError
 from xmdist.data.info import ShardError
 from xmdist.dist import DistEnv, init_distributed
@@ -37,7 +37,7 @@ log = logging.getLogger("xmdist.train")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults apply where it is silent")
     p.add_argument("--out", help="run directory: config, vocab, checkpoints, tb/, eval.json (required unless "
                                  "--print-config)")
