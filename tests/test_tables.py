@@ -92,3 +92,11 @@ def test_every_table_config_exists():
     missing = [r.config for r in rows if not (ROOT / "configs" / f"{r.config}.yaml").is_file()]
     assert not missing
     assert len({r.key for r in rows}) == len(rows)
+
+
+def test_progress_bar_logs_lines_without_a_terminal(capsys):
+    from xmdist import progress
+
+    assert list(progress.bar(range(3), 3, "writing", "sample", every_s=0)) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "writing: 2/3 sample (" in err and "writing: 3 sample in " in err and "\r" not in err

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from xmdist import progress
 from xmdist.data.decode import DECODE_ERRORS, decode_meta, decode_npy
 from xmdist.data.info import ShardError, Split
 from xmdist.data.loader import iter_raw_samples
@@ -184,7 +184,7 @@ def expanded_texts(graph: WordGraph, ids: Sequence[int], expander: Expander,
                    tag_vocab: Sequence[str]) -> list[list[str]]:
     """Each training image's word names: own words, then its expansion (the SkipGram corpus)."""
     out = []
-    for i in tqdm(range(graph.num_images), desc="semantic expansion", unit="image", disable=None):
+    for i in progress.bar(range(graph.num_images), graph.num_images, "semantic expansion", "image"):
         own = graph.image_words(i)
         out.append([tag_vocab[w] for w in np.concatenate([own, expander.expand(own, ids[i])])])
     return out

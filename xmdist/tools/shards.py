@@ -18,8 +18,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from tqdm import tqdm
 
+from xmdist import progress
 from xmdist.data import synthetic
 from xmdist.data.converters import Conversion, Record, encode_item
 from xmdist.data.writer import SPLITS, ShardSetWriter, foreign_files
@@ -73,8 +73,7 @@ def write_records(out: Path, records: Iterable[Record], total: int, members: Ite
     and return the written ``_info.json`` content."""
     start, out = time.time(), Path(out)
     with ShardSetWriter(out, members, samples_per_shard, splits) as writer:
-        for key, split, sample in tqdm(records, total=total, unit="sample", file=sys.stderr,
-                                       desc=f"-> {out}" if desc is None else desc):
+        for key, split, sample in progress.bar(records, total, f"-> {out}" if desc is None else desc, "sample"):
             writer.write(split, key, sample)
         info = writer.finish(fields)
     counts = ", ".join(f"{name} {s['num_samples']}" for name, s in info["splits"].items())
