@@ -88,9 +88,10 @@ def test_train_resume_and_outputs(tiny_shards, tmp_path, backend):
     assert (split / "config.yaml").is_file() and (split / "vocab.json").is_file()
     scalars = tb_scalars(split)
     assert scalars["train/loss"] == [2, 4, 6, 8]
-    for tag in ("train/grad_norm", "perf/lr", "perf/samples_per_s", "perf/samples_per_s_per_gpu",
-                "perf/data_wait_s", "val/rsum", "test/rsum"):
+    for tag in ("train/grad_norm", "perf/lr", "perf/samples_per_s", "perf/data_wait_s", "val/rsum", "test/rsum"):
         assert tag in scalars, tag
+    # no duplicates: VSE++'s loss is its one term (train/vse was train/loss again); no GPU, no per-GPU rate
+    assert "train/vse" not in scalars and "perf/samples_per_s_per_gpu" not in scalars
 
 
 def test_bf16_single_process_with_a_given_vocabulary(tiny_shards, tmp_path):

@@ -287,7 +287,9 @@ class Trainer:
                 nonfinite = True
                 _restore_buffers(net.module, saved[phase.network])
                 continue
-            logged.update({(k + suffix if k in ("loss", "grad_norm") else k): v for k, v in terms.items()})
+            # a term that IS the phase's loss (VSE++: loss = vse) is logged once, as the loss
+            logged.update({(k + suffix if k in ("loss", "grad_norm") else k): v for k, v in terms.items()
+                           if k == "loss" or v is not terms["loss"]})
         self._count_nonfinite(nonfinite)
         logged["nonfinite_steps"] = float(nonfinite)
         return {k: torch.as_tensor(v).detach().float().to(self.env.device) for k, v in logged.items()}
@@ -371,10 +373,10 @@ class Trainer:
         elapsed = time.time() - w["start"]
         gb = self.cfg.data.batch_size * self.env.world_size
         perf = {"lr": self.model.lr(), "samples_per_s": gb * w["n"] / elapsed,
-                "samples_per_s_per_gpu": gb * w["n"] / elapsed / self.env.world_size,
                 "step_time_s": elapsed / w["n"], "data_wait_s": w["data"] / w["n"],
                 "epoch": self.step / self.steps_per_epoch}
         if self.env.device.type == "cuda":
+            perf["samples_per_s_per_gpu"] = perf["samples_per_s"] / self.env.world_size
             perf["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.scalars(metrics, self.step, "train/")
         self.logger.scalars(perf, self.step, "perf/")
