@@ -92,6 +92,7 @@ def test_train_resume_and_outputs(tiny_shards, tmp_path, backend):
         assert tag in scalars, tag
     # no duplicates: VSE++'s loss is its one term (train/vse was train/loss again); no GPU, no per-GPU rate
     assert "train/vse" not in scalars and "perf/samples_per_s_per_gpu" not in scalars
+    assert "hparam/test_rsum" in scalars  # the run's HParams entry: settings and final metrics
 
 
 def test_bf16_single_process_with_a_given_vocabulary(tiny_shards, tmp_path):

@@ -47,6 +47,11 @@ class TensorBoardLogger:
         rows = "\n".join(f"| {x} | {'-' if y is None else f'{y:.4f}'} |" for x, y in zip(xs, ys))
         self.writer.add_text(tag, f"step {step}\n\n| x | y |\n|---|---|\n{rows}", step)
 
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        """One HParams entry for the run (TensorBoard's HParams tab compares runs, e.g. ablation
+        rows, by these settings and final metrics)."""
+        self.writer.add_hparams(hparams, metrics, run_name=".")
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -70,6 +75,9 @@ class NullLogger:
     def curve(self, tag: str, xs, ys, step: int) -> None:
         pass
 
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -79,3 +87,16 @@ class NullLogger:
 
 def build_logger(env: DistEnv, run_dir: str | Path) -> TensorBoardLogger | NullLogger:
     return TensorBoardLogger(run_dir) if env.is_main else NullLogger()
+
+
+def run_hparams(config: dict, sections: tuple[str, ...] = ("model", "loss", "optim", "data", "train")) -> dict:
+    """The resolved config flattened to ``section.key`` values TensorBoard's HParams accept
+    (numbers, strings, booleans; lists and nested values as text; paths and None left out)."""
+    out = {"method": config.get("method", "")}
+    for sec in sections:
+        for k, v in (config.get(sec) or {}).items():
+            if isinstance(v, (bool, int, float, str)):
+                out[f"{sec}.{k}"] = v
+            elif isinstance(v, (list, dict)):
+                out[f"{sec}.{k}"] = str(v)
+    return out

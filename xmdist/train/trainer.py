@@ -28,7 +28,7 @@ from xmdist.train.backends import build_backend
 from xmdist.train.checkpoint import CheckpointManager, model_state, pack_state, unpack_state
 from xmdist.train.faults import FaultInjector
 from xmdist.train.lock import RunLock, RunLocked
-from xmdist.train.logger import build_logger
+from xmdist.train.logger import build_logger, run_hparams
 from xmdist.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -409,6 +409,7 @@ class Trainer:
         test = self.shards.split(self.cfg.data.test_split)
         metrics = self._evaluate(test, self.cfg.eval.folds, prefix="test/", final=True)
         self.logger.scalars(scalars(metrics), self.step, "test/")
+        self.logger.hparams(run_hparams(self.cfg.to_dict()), {f"hparam/test_{k}": v for k, v in scalars(metrics).items()})
         self.logger.flush()
         result = {"split": test.name, "checkpoint": best or f"step_{self.step:08d}", "folds": self.cfg.eval.folds,
                   "step": self.step, "method": self.cfg.method, "score_key": self.score_key,
