@@ -277,6 +277,7 @@ def test_resume_latest_and_best_need_a_checkpoint(base_run, tiny_shards, tmp_pat
     assert proc.returncode == 0 and "resumed from step_00000004: step 4" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_changed_shard_set_is_refused_on_resume(tiny_shards, tmp_path):
     """Shards regenerated or edited between a stop and its resume (same steps per epoch): refused,
     naming what changed and the override; with the override the run resumes with a warning."""

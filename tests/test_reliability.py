@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -124,6 +125,7 @@ def test_watchdog_dumps_stacks_and_exits(tiny_shards, tmp_path):
     assert "most recent call first" in out and "in after_step" in out  # rank 1's stack shows where it hangs
 
 
+@pytest.mark.slow
 def test_second_job_on_the_same_run_directory_is_refused(tiny_shards, tmp_path):
     """Two jobs on one --out: the second exits 2 naming the first (host, pid, start) and writes
     nothing; once the first is gone (even killed with SIGKILL), the directory is free again."""
@@ -150,6 +152,7 @@ def test_second_job_on_the_same_run_directory_is_refused(tiny_shards, tmp_path):
     assert "step 4 ep" in proc.stdout and (out / "eval.json").exists(), proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(tiny_shards, tmp_path):
     """kill -9 of torchrun's process group: the workers (in sessions of their own) notice that
     their launcher is gone and stop after the same step with a checkpoint, within seconds,
@@ -216,6 +219,7 @@ def test_evaluation_progress_keeps_the_watchdog_quiet():
     assert hung.returncode == 3 and "made no progress" in hung.stderr, hung.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny_shards, tmp_path):
     """Writing checkpoint 4 fails on rank 1 as on a full disk: every rank stops with exit 2 and a
     message naming the path and the free space; no partial directory stays; latest is still 2 and
