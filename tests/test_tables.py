@@ -16,7 +16,7 @@ def _fake_train(calls):
         calls.append((config.name, run_dir, tuple(overrides)))
         seed = int(overrides[-1].split("=")[1])
         bits = next((int(o.split("=")[1]) for o in overrides if o.startswith("model.bits=")), 64)
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "eval.json").write_text(json.dumps(
             {"method": "sgrn", "bits": bits, "step": 10, "epoch": 1, "chance": 0.5,
              "map_i2t": 0.6 + 0.01 * seed, "map_t2i": 0.7 - 0.01 * seed,
@@ -34,6 +34,7 @@ def test_rows_run_per_seed_resume_and_aggregate(tmp_path):
     assert calls[0][1] == tmp_path / "sgrn16" / "seed0" and calls[1][1] == tmp_path / "sgrn64" / "seed0"
     assert calls[0][2] == ("model.bits=16", "train.epochs=1", "train.seed=0")
     assert [r["seed"] for r in results["sgrn64"]] == [0, 1, 2]
+    assert all((tmp_path / "sgrn64" / f"seed{s}" / "commit.txt").is_file() for s in (0, 1, 2))
     # finished runs are read, never re-run; a missing one is trained
     calls.clear()
     run_rows(rows, [0, 1, 2, 3], tmp_path, 2, train=_fake_train(calls), log=lines.append)

@@ -86,6 +86,8 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], out: Path, nproc: int,
             f"{(time.time() - t_all) / 60:.1f} min so far)")
         if state == "train":
             t0 = time.time()
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "commit.txt").write_text(commit() + "\n")  # the code the run starts with
             train(ROOT / "configs" / f"{row.config}.yaml", d, [*row.overrides, f"train.seed={seed}"], nproc)
             if not (d / "eval.json").exists():
                 raise RuntimeError(f"{d}: training ended without an eval.json")
@@ -94,6 +96,8 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], out: Path, nproc: int,
         wall = d / "wall_s.txt"
         r["wall_s"] = float(wall.read_text()) if wall.exists() else float("nan")
         r["seed"] = seed
+        sha = d / "commit.txt"
+        r["commit"] = sha.read_text().strip() if sha.exists() else None
         results[row.key].append(r)
         if on_result is not None:
             on_result(row, results[row.key])
@@ -159,19 +163,24 @@ def commit() -> str:
 
 def result_entry(row: Row, results: Sequence[dict], nproc: int, sha: str | None = None) -> dict:
     """One RESULTS.json entry: every numeric metric of the eval.json as a list over the seeds
-    (``chance`` and ``bits`` are properties of the data and the config, one value)."""
-    skip = {"step", "epoch", "bits", "chance", "wall_s", "seed"}
+    (``chance`` and ``bits`` are properties of the data and the config, one value); ``commit`` the
+    code each run started with (``seed_commits`` when they differ), or ``sha`` for all."""
+    skip = {"step", "epoch", "bits", "chance", "wall_s", "seed", "commit"}
     keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             and k not in skip]
     metrics: dict = {k: [r[k] for r in results] for k in keys}
     if "chance" in results[0]:
         metrics["chance"] = results[0]["chance"]
-    return {"table": row.table, "method": row.method, "row": row.row, "bits": row.bits,
+    entry = {"table": row.table, "method": row.method, "row": row.row, "bits": row.bits,
             "seeds": [r["seed"] for r in results], "metrics": metrics,
             "config": f"configs/{row.config}.yaml", "overrides": list(row.overrides),
             "budget": {"steps": results[0].get("step"), "processes": nproc,
-                       "wall_s_per_run": round(sum(r["wall_s"] for r in results) / len(results))},
-            "commit": sha or commit()}
+                       "wall_s_per_run": round(sum(r["wall_s"] for r in results) / len(results))}}
+    commits = [sha or r.get("commit") or commit() for r in results]  # each run's, taken when it started
+    entry["commit"] = commits[-1]
+    if len(set(commits)) > 1:
+        entry["seed_commits"] = commits
+    return entry
 
 
 def _ident(e: dict) -> tuple:
@@ -192,7 +201,8 @@ def merge_entry(old: dict, new: dict) -> dict:
     old_commits = old.get("seed_commits", [old["commit"]] * len(old["seeds"]))
     per_seed = {s: ({k: v[i] for k, v in old["metrics"].items() if isinstance(v, list)}, old_commits[i])
                 for i, s in enumerate(old["seeds"])}
-    per_seed.update({s: ({k: v[i] for k, v in new["metrics"].items() if isinstance(v, list)}, new["commit"])
+    new_commits = new.get("seed_commits", [new["commit"]] * len(new["seeds"]))
+    per_seed.update({s: ({k: v[i] for k, v in new["metrics"].items() if isinstance(v, list)}, new_commits[i])
                      for i, s in enumerate(new["seeds"])})
     seeds = sorted(per_seed)
     keys = [k for k, v in new["metrics"].items() if isinstance(v, list) and all(k in per_seed[s][0] for s in seeds)]
