@@ -301,6 +301,8 @@ def test_eval_folds_are_checked(run, tiny_shards, tmp_path, capsys):
     assert "--folds and --examples must be >= 1 (got --folds 0" in capsys.readouterr().err
     assert eval_cli.main([*base, "--folds", "41"]) == 2
     assert "--folds 41: split 'test' has 40 images, fewer than one per fold" in capsys.readouterr().err
+    assert eval_cli.main([*base, "--mode", "hamming"]) == 2  # a VSE++ run scored as a hashing one
+    assert "--mode hamming: " in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 
