@@ -171,6 +171,7 @@ def test_shard_set_without_samples(tiny_shards, tmp_path, case):
     ("data.batch_size=400", "error: split 'train' has 280 training pairs, fewer than one global batch (400"),
     ("data.shards=/nonexistent/shards", "error: shard directory /nonexistent/shards does not exist"),
 ])
+@pytest.mark.slow
 def test_start_checks_run_before_any_pass_over_the_data(tiny_shards, tmp_path, override, message):
     proc = train(tiny_shards, tmp_path / "run", "train.max_steps=2", override, nproc=1, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
@@ -265,6 +266,7 @@ def _train_resume(shards: Path, out: Path, which: str, *sets: str) -> subprocess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_resume_latest_and_best_need_a_checkpoint(base_run, tiny_shards, tmp_path):
     for which in ("latest", "best"):
         out = tmp_path / which

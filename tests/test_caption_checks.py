@@ -30,6 +30,7 @@ def test_unknown_backbone_is_a_config_error():
             build_config({"method": method, "model": {"backbone": "resnet5"}})
 
 
+@pytest.mark.slow
 def test_print_config_needs_no_out():
     cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo_vsepp_synthetic.yaml")]
     shown = subprocess.run([*cmd, "--print-config"], capture_output=True, text=True, cwd=ROOT)
@@ -38,6 +39,7 @@ def test_print_config_needs_no_out():
     assert missing.returncode == 2 and "the following arguments are required: --out" in missing.stderr
 
 
+@pytest.mark.slow
 def test_caption_method_on_a_feature_set_is_refused_before_any_pass(tiny_shards, tmp_path):
     import json
     import shutil

@@ -101,7 +101,7 @@ def nets_state(run: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow)])  # deepspeed: the slow step
 def test_train_evaluate_and_resume(region_shards, tmp_path, backend):
     extra = [f"train.backend={backend}"] + (["train.zero_stage=1"] if backend == "deepspeed" else [])
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -207,6 +207,7 @@ print("alive")
 """
 
 
+@pytest.mark.slow
 def test_evaluation_progress_keeps_the_watchdog_quiet():
     """Evaluation batches and waits for rank 0 report progress: a healthy evaluation longer than
     train.watchdog_s goes on; the same time without reports is a hang (exit 3)."""

@@ -306,6 +306,7 @@ def test_eval_folds_are_checked(run, tiny_shards, tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_training_refuses_more_folds_than_images(tiny_shards, tmp_path):
     proc = train(tiny_shards, tmp_path / "run", "train.max_steps=2", "eval.folds=50", nproc=1, check=False)
     assert proc.returncode == 2 and ("error: eval.folds: 50 folds, but split 'test' gives 40 images to evaluate"
