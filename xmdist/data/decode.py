@@ -48,7 +48,7 @@ def check_pixels(height: int, width: int, max_pixels: int) -> None:
 
 @functools.lru_cache(maxsize=1024)
 def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of a version 1/2 ``.npy`` header (magic to the end of the
+    """(shape, fortran_order, dtype) of a version 1-3 ``.npy`` header (magic to the end of the
     header dict), by numpy's own reader (a literal, never evaluated as code). A shard's members
     of one kind share one header, so the parse runs once per kind, not once per sample."""
     buf = io.BytesIO(header)
@@ -58,8 +58,8 @@ def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
-    """Header fields and the data offset of version 1/2 ``.npy`` bytes; None for anything else."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 12 or data[6] not in (1, 2):
+    """Header fields and the data offset of version 1-3 ``.npy`` bytes; None for anything else."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12 or data[6] not in (1, 2, 3):
         return None
     start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
     return (*_parse_npy_header(bytes(data[:start])), start)
@@ -90,14 +90,9 @@ def npy_holds_objects(data: bytes) -> bool:
     cannot be read is left to :func:`decode_npy` to reject."""
     try:
         head = _npy_header(data)
-        if head is None:
-            buf = io.BytesIO(data)
-            major, _ = np.lib.format.read_magic(buf)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            head = read(buf)
     except Exception:  # noqa: BLE001 - damaged: decoding fails and counts it
         return False
-    return bool(head[2].hasobject)
+    return head is not None and bool(head[2].hasobject)
 
 
 def _jpeg_scale(height: int, width: int, min_size: int) -> int:
@@ -239,6 +234,26 @@ def decode_meta(sample: dict) -> dict:
     return json.loads(sample["json"].decode("utf-8"))
 
 
+def checked_npy(sample: dict, name: str, shape: tuple[int, ...] | None = None,
+                length: int | None = None) -> np.ndarray:
+    """Member ``name`` of a feature-set sample, checked: present, of ``shape`` (or, flattened, of
+    ``length`` values) and, for floats, finite; else KeyError / ValueError naming member and sample
+    (a skipped, counted sample, never one stacked, truncated or trained on)."""
+    key = sample.get("__key__")
+    if name not in sample:
+        raise KeyError(f"sample {key} has no {name} member")
+    a = decode_npy(sample[name])
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{name} of sample {key} has shape {a.shape}; expected {tuple(shape)}")
+    if length is not None:
+        a = a.reshape(-1)
+        if a.shape[0] != length:
+            raise ValueError(f"{name} of sample {key} has {a.shape[0]} values; expected {length}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"{name} of sample {key} holds non-finite values")
+    return a
+
+
 def checked_captions(meta: dict, sample: dict) -> list[str]:
     """The sample's ``captions``: a non-empty list of non-empty strings, else ValueError (a string
     where the list belongs would otherwise be read as one caption per letter)."""
@@ -367,28 +382,13 @@ class FeatureDecoder:
     def item(self, sample: dict) -> tuple:
         """Every array member is checked against the set's first sample (shape) and for NaN/inf:
         a sample that fails is skipped and counted, never stacked, truncated or trained on."""
-        key = sample.get("__key__")
-        tags = decode_npy(sample["tags.npy"]).astype(np.float32).reshape(-1)
-        labels = decode_npy(sample["labels.npy"]).reshape(-1)
-        if tags.shape[0] != self.text_dim:
-            raise ValueError(f"tags.npy of sample {key} has {tags.shape[0]} values; expected {self.text_dim}")
-        if not np.isfinite(tags).all():
-            raise ValueError(f"tags.npy of sample {key} holds non-finite values")
-        if labels.shape[0] != self.label_width:
-            raise ValueError(f"labels.npy of sample {key} has {labels.shape[0]} values; expected {self.label_width}")
-        if not np.isfinite(labels.astype(np.float32)).all():
-            raise ValueError(f"labels.npy of sample {key} holds non-finite values")
-        labels = labels.astype(np.uint8)
+        tags = checked_npy(sample, "tags.npy", length=self.text_dim).astype(np.float32)
+        labels = checked_npy(sample, "labels.npy", length=self.label_width).astype(np.uint8)
         if self.image_size:
             image = resize_center_crop(decode_rgb(sample, self.image_size, self.max_pixels), self.image_size,
                                        self.image_size)
         else:
-            feat = decode_npy(sample[self.feature]).astype(np.float32)
-            if feat.shape != self.image_shape:
-                raise ValueError(f"{self.feature} of sample {key} has shape {feat.shape}; expected {self.image_shape}")
-            if not np.isfinite(feat).all():
-                raise ValueError(f"{self.feature} of sample {key} holds non-finite values")
-            image = torch.from_numpy(feat)
+            image = torch.from_numpy(checked_npy(sample, self.feature, shape=self.image_shape).astype(np.float32))
         if self.labels is not None:
             labels = labels[self.labels]
         return image, torch.from_numpy(tags), torch.from_numpy(labels), int(decode_meta(sample)["id"])

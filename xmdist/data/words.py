@@ -13,15 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from xmdist.data.decode import (DEFAULT_MAX_PIXELS, batch_to_device, decode_meta, decode_npy, decode_rgb,
+from xmdist.data.decode import (DEFAULT_MAX_PIXELS, batch_to_device, checked_npy, decode_meta, decode_rgb,
                                  resize_center_crop)
 from xmdist.data.expansion import Expander
-
-
-def _member(sample: dict, name: str) -> np.ndarray:
-    if name not in sample:
-        raise KeyError(f"sample {sample.get('__key__')} has no {name} member")
-    return decode_npy(sample[name])
 
 
 class WordRegionDecoder:
@@ -43,27 +37,13 @@ class WordRegionDecoder:
     # ---------------------------------------------------------------- one item
 
     def _regions(self, sample: dict) -> torch.Tensor:
-        feat = _member(sample, self.feature).astype(np.float32)
-        key = sample.get("__key__")
-        if feat.shape != self.region_shape:
-            raise ValueError(f"{self.feature} of sample {key} has shape {feat.shape}; expected {self.region_shape}")
-        if not np.isfinite(feat).all():
-            raise ValueError(f"{self.feature} of sample {key} holds non-finite values")
-        return torch.from_numpy(feat)
+        return torch.from_numpy(checked_npy(sample, self.feature, shape=self.region_shape).astype(np.float32))
 
     def _own_words(self, sample: dict) -> np.ndarray:
-        tags, key = _member(sample, "tags.npy").reshape(-1), sample.get("__key__")
-        if tags.shape[0] != self.text_dim:
-            raise ValueError(f"tags.npy of sample {key} has {tags.shape[0]} values; expected {self.text_dim}")
-        if not np.isfinite(tags.astype(np.float32)).all():
-            raise ValueError(f"tags.npy of sample {key} holds non-finite values")
-        return np.flatnonzero(tags)
+        return np.flatnonzero(checked_npy(sample, "tags.npy", length=self.text_dim))
 
     def _labels(self, sample: dict) -> torch.Tensor:
-        labels = _member(sample, "labels.npy").astype(np.uint8).reshape(-1)
-        if labels.shape[0] != self.label_width:
-            raise ValueError(f"labels.npy of sample {sample.get('__key__')} has {labels.shape[0]} values; "
-                             f"expected {self.label_width}")
+        labels = checked_npy(sample, "labels.npy", length=self.label_width).astype(np.uint8)
         return torch.from_numpy(labels[self.labels] if self.labels is not None else labels)
 
     def sequence(self, own_words: np.ndarray, item_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
