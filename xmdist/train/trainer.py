@@ -146,7 +146,8 @@ class Trainer:
         # every check that reads no more than the shard list runs before anything is written
         self.shards = ShardSet.open(cfg.data.shards)
         self.train_split = self.shards.split(cfg.data.train_split)
-        self.shard_print = fingerprint(self.train_split, self.shards.info.get("seed"))
+        # read by rank 0 only (one small read per shard), the same dict on every rank
+        self.shard_print = on_main(lambda: fingerprint(self.train_split, self.shards.info.get("seed")), env)
         self.val_split = self.shards.split(cfg.data.val_split)
         test = self.shards.split(cfg.data.test_split)
         val_images = min(self.val_split.num_samples, cfg.eval.max_val_images or self.val_split.num_samples)
