@@ -3,7 +3,9 @@ the process that took it (rank 0 holds it on every rank's behalf).
 
 The kernel releases a ``flock`` when its holder exits in any way (kill -9 included), so a dead
 job never blocks the next one and no stale-lock clean-up exists. The file holds the holder's host,
-pid and start time, which a refused job prints. Local file systems and NFSv4 (where Linux maps
+pid and start time, which a refused job prints. A ``flock`` belongs to the open file, which a
+``fork`` shares: forked children (DataLoader workers) close their copy at once, so a killed holder's
+orphaned workers, still winding down, do not keep the directory locked. Local file systems and NFSv4 (where Linux maps
 ``flock`` to byte-range locks the server arbitrates) enforce it across machines; on file systems
 without working locks (some FUSE mounts, NFSv3 without lockd) it only guards jobs on one host.
 """
@@ -17,6 +19,19 @@ import time
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+_HELD: set[int] = set()  # this process's lock descriptors, closed in every forked child
+
+
+def _close_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunLocked(RuntimeError):
@@ -44,9 +59,11 @@ class RunLock:
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode() + b"\n")
         os.fsync(fd)
         self.fd = fd
+        _HELD.add(fd)
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
 
