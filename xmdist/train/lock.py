@@ -4,10 +4,11 @@ the process that took it (rank 0 holds it on every rank's behalf).
 The kernel releases a ``flock`` when its holder exits in any way (kill -9 included), so a dead
 job never blocks the next one and no stale-lock clean-up exists. The file holds the holder's host,
 pid and start time, which a refused job prints. A ``flock`` belongs to the open file, which a
-``fork`` shares: forked children (DataLoader workers) close their copy at once, so a killed holder's
-orphaned workers, still winding down, do not keep the directory locked. Local file systems and NFSv4 (where Linux maps
-``flock`` to byte-range locks the server arbitrates) enforce it across machines; on file systems
-without working locks (some FUSE mounts, NFSv3 without lockd) it only guards jobs on one host.
+``fork`` shares: forked children (DataLoader workers) close their copy at once, so a killed
+holder's orphaned workers, still winding down, do not keep the directory locked. Local file
+systems and NFSv4 (where Linux maps ``flock`` to byte-range locks the server arbitrates) enforce
+it across machines; on file systems without working locks (some FUSE mounts, NFSv3 without
+lockd) it only guards jobs on one host.
 """
 from __future__ import annotations
 
