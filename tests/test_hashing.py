@@ -58,6 +58,9 @@ def test_train_evaluate_and_resume(feature_shards, tmp_path, method):
     acc.Reload()
     assert "val/bit_balance_image" in acc.Tags()["histograms"]
     assert {"val/map", "test/map_i2t", "train/loss", "test/pr_t2i/precision_by_radius"} <= set(acc.Tags()["scalars"])
+    # TensorBoard PR curves (PR Curves tab) per direction and code length, and examples, at validation too
+    assert {"val/pr_i2t_16bit", "test/pr_t2i_16bit"} <= set(acc.Tags()["tensors"])
+    assert {"val/examples/i2t/text_summary", "test/examples/t2i/text_summary"} <= set(acc.Tags()["tensors"])
     # launch/eval.py on the same checkpoint: the same scores, curves and code statistics in TensorBoard
     out = tmp_path / "eval.json"
     launch("eval.py", "--checkpoint", straight, "--split", "test", "--out", out, "--tb", tmp_path / "tb_eval")
@@ -70,6 +73,7 @@ def test_train_evaluate_and_resume(feature_shards, tmp_path, method):
     assert {"test/pr_curve", "test/precision_at_k"} <= set(acc.Tags()["images"])
     assert {"codes/bit_balance_image", "codes/bit_balance_text"} <= set(acc.Tags()["histograms"])
     assert "examples/i2t/text_summary" in acc.Tags()["tensors"]
+    assert {"test/pr_i2t_16bit", "test/pr_t2i_16bit"} <= set(acc.Tags()["tensors"])
 
 
 def test_hashing_on_shards_without_features_says_so(tiny_shards, tmp_path):

@@ -36,9 +36,10 @@ def _assert_same_model(a: Path, b: Path) -> None:
         torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, msg=k)
 
 
-def _stop_with_signal(shards: Path, out: Path, sig: signal.Signals, sets: list[str]) -> str:
-    """Rank 0 pauses after step 3 (fault), the test sends ``sig`` to rank 0's process only."""
-    cmd = train_command(shards, out, *sets)
+def _stop_with_signal(shards: Path, out: Path, sig: signal.Signals, sets: list[str], **kwargs) -> str:
+    """Rank 0 pauses after step 3 (fault), the test sends ``sig`` to rank 0's process only;
+    ``kwargs`` go to ``train_command`` (config, common)."""
+    cmd = train_command(shards, out, *sets, **kwargs)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "XMDIST_FAULT": "pause@3:0"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
@@ -63,6 +64,31 @@ def test_signal_checkpoints_then_resume_matches(tiny_shards, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     proc = train(tiny_shards, out, *sets)
     assert "resumed from step_00000003: step 3" in proc.stdout
+    _assert_same_model(tmp_path / "straight", out)
+
+
+def test_resume_with_dropout_matches(tiny_shards, tmp_path):
+    """DJSRH fine-tuning a random AlexNet from pixels (dropout active in fc6/fc7) on 2 ranks,
+    stopped by SIGTERM after step 3 and resumed: the dropout masks after the resume are those of
+    an uninterrupted run (every rank's generators are restored), so the parameters are equal."""
+    from xmdist.models.backbones import build_extractor
+
+    trunk = build_extractor("alexnet", ["fc7"], "random", trainable=True)
+    assert trunk.training and all(m.training for m in trunk.modules() if isinstance(m, torch.nn.Dropout))
+    hashing = dict(config="configs/djsrh_synthetic.yaml", common=())
+    sets = ["data.batch_size=8", "data.num_workers=1", "data.shuffle_buffer=50", "model.bits=16",
+            "model.text_hidden=32", "model.image_input=pixels", "model.backbone=alexnet", "model.weights=random",
+            "model.image_size=64", "data.features=", "train.max_steps=6", "eval.validation=false", *QUIET,
+            "data.labels=[circle, square, triangle, star, cross, diamond, hexagon, heart, ring, crescent]"]
+    train(tiny_shards, tmp_path / "straight", *sets, **hashing)
+    out = tmp_path / "stopped"
+    text = _stop_with_signal(tiny_shards, out, signal.SIGTERM, sets, **hashing)
+    assert "stopped by SIGTERM at step 3" in text, text[-3000:]
+    proc = train(tiny_shards, out, *sets, **hashing)
+    assert "resumed from step_00000003: step 3" in proc.stdout
+    dropout = [m for m in torch.load(out / "checkpoints" / "step_00000006" / "shared.pt", weights_only=True)
+               ["nets"]["model"]["model"] if m.startswith("trunk.head.")]
+    assert dropout, "the AlexNet head (fc6, fc7 with dropout) is trained"
     _assert_same_model(tmp_path / "straight", out)
 
 

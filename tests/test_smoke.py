@@ -18,20 +18,21 @@ COMMON = ["data.batch_size=8", "data.num_workers=1", "data.crop_size=32", "data.
 
 
 def train_command(shards: Path, out: Path, *overrides: str, nproc: int = 2, torchrun_args: tuple = (),
-                  config: str = "configs/demo_vsepp_synthetic.yaml", common: tuple = tuple(COMMON)) -> list[str]:
+                  config: str = "configs/demo_vsepp_synthetic.yaml", common: tuple = tuple(COMMON),
+                  extra: tuple = ()) -> list[str]:
     sets = [a for o in (*common, f"data.shards={shards}", *overrides) for a in ("--set", o)]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *torchrun_args,
                 "--standalone"] if nproc > 1 else [sys.executable]
-    return [*launcher, str(ROOT / "launch/train.py"), "--config", str(ROOT / config), "--out", str(out), *sets]
+    return [*launcher, str(ROOT / "launch/train.py"), "--config", str(ROOT / config), "--out", str(out), *sets, *extra]
 
 
 def train(shards: Path, out: Path, *overrides: str, nproc: int = 2, check: bool = True,
           config: str = "configs/demo_vsepp_synthetic.yaml", fault: str = "", torchrun_args: tuple = (),
-          common: tuple = tuple(COMMON)) -> subprocess.CompletedProcess:
+          common: tuple = tuple(COMMON), extra: tuple = ()) -> subprocess.CompletedProcess:
     """Run launch/train.py on ``shards`` with the ``common`` overrides first; ``fault`` sets
-    XMDIST_FAULT (xmdist/faults.py)."""
+    XMDIST_FAULT (xmdist/faults.py); ``extra``: more arguments of train.py."""
     cmd = train_command(shards, out, *overrides, nproc=nproc, torchrun_args=torchrun_args, config=config,
-                        common=common)
+                        common=common, extra=extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "XMDIST_FAULT": fault}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     if check and proc.returncode != 0:
@@ -93,6 +94,16 @@ def test_train_resume_and_outputs(tiny_shards, tmp_path, backend):
     # no duplicates: VSE++'s loss is its one term (train/vse was train/loss again); no GPU, no per-GPU rate
     assert "train/vse" not in scalars and "perf/samples_per_s_per_gpu" not in scalars
     assert "hparam/test_rsum" in scalars  # the run's HParams entry: settings and final metrics
+    # retrieval examples at each validation (steps 4, 8) and the final test: strips and text tables
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(split / "tb"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    images, texts = acc.Tags()["images"], acc.Tags()["tensors"]
+    for j in range(4):
+        assert f"val/examples/t2i_{j}" in images and f"test/examples/i2t_{j}/image" in images
+        assert f"val/examples/i2t_{j}/captions/text_summary" in texts
+    assert [e.step for e in acc.Images("val/examples/t2i_0")] == [4, 8]
 
 
 def test_bf16_single_process_with_a_given_vocabulary(tiny_shards, tmp_path):

@@ -149,12 +149,14 @@ class EvalConfig:
     max_val_images: int = 0  # cap the validation set for speed (0: all)
     database_split: str = ""  # hashing: the retrieval set the queries search ("": data.train_split)
     validation: bool = True  # False: no validation runs; the final test scores the last checkpoint
+    examples: int = 4  # retrieval examples in TensorBoard at each validation and the final test (0: none)
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         check(self.folds >= 1, "eval.folds", "must be >= 1")
         check(self.val_folds >= 1, "eval.val_folds", "must be >= 1")
         check(self.max_val_images >= 0, "eval.max_val_images", "must be >= 0")
+        check(self.examples >= 0, "eval.examples", "must be >= 0")
 
 
 @dataclass

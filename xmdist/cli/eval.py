@@ -1,13 +1,13 @@
 """Evaluate a checkpoint of a run: metrics to JSON, metrics and retrieval examples to TensorBoard.
 
     # the best validation checkpoint on the test split, 2 processes (same numbers as the run's eval.json)
-    torchrun --nproc_per_node=2 launch/eval.py --run runs/demo --split test --out results.json
+    torchrun --nproc_per_node=2 launch/eval.py --run-dir runs/demo --split test --out results.json
     # another checkpoint, COCO-1K protocol, another TensorBoard directory
-    torchrun ... launch/eval.py --run runs/coco --checkpoint step_00012000 --folds 5 \
+    torchrun ... launch/eval.py --run-dir runs/coco --checkpoint step_00012000 --folds 5 \
         --out coco1k.json --tb runs/coco/tb_eval_1k
 
     # a hashing run (DJSRH, SGRN): test queries against the training set as database
-    torchrun ... launch/eval.py --run runs/sgrn64 --split test --database train --out sgrn64.json
+    torchrun ... launch/eval.py --run-dir runs/sgrn64 --split query --database retrieval --out sgrn64.json
 
 ``--mode`` is the run's evaluation protocol (``xmdist.eval``): ``common`` (common-space
 R@1/5/10, medr, meanr, rsum) or ``hamming`` (sign codes of the query split against the database
@@ -38,7 +38,9 @@ log = logging.getLogger("xmdist.eval")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--run", help="run directory written by train.py")
+    p.add_argument("--run-dir", "--run", dest="run",
+                   help="run directory written by launch/train.py (under torchrun spell it --run-dir: torchrun "
+                        "takes --run for an abbreviation of its own --run-path)")
     p.add_argument("--checkpoint", help="best, latest or step_XXXXXXXX of the run (default: best)")
     p.add_argument("--which", help=argparse.SUPPRESS)  # the earlier name of --checkpoint
     p.add_argument("--shards", help="shard set directory (default: the run's data.shards)")

@@ -1,10 +1,10 @@
 """Search an index written by launch/encode.py with a caption or an image.
 
     # text -> images: search the image index
-    python launch/search.py --run runs/demo --index indexes/demo-test --text "a red circle" -k 5
+    python launch/search.py --run-dir runs/demo --index indexes/demo-test --text "a red circle" -k 5
     # image -> captions: search the caption index (encode.py --captions); an image index also
     # works and returns the nearest images
-    python launch/search.py --run runs/demo --index indexes/demo-test-captions --image photo.jpg
+    python launch/search.py --run-dir runs/demo --index indexes/demo-test-captions --image photo.jpg
 
 The query is encoded with the run's model (by default the checkpoint the index was encoded
 with) and the run's evaluation transform / vocabulary. Prints the top-k sample ids, scores and
@@ -33,7 +33,7 @@ METRICS = {"dot": "dot product, higher is better", "hamming": "Hamming distance,
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory whose model encodes the query")
+    p.add_argument("--run-dir", "--run", dest="run", required=True, help="run directory whose model encodes the query")
     p.add_argument("--index", required=True, help="index directory written by launch/encode.py")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", help="a caption: searches an image index")

@@ -6,6 +6,8 @@
     torchrun --nproc_per_node=8 launch/train.py --config configs/vsepp_coco.yaml --out runs/coco
     # overrides and resume
     torchrun ... launch/train.py --config ... --out runs/coco --set optim.lr=1e-4 --resume auto
+    # a new run from another run's weights (fine-tuning)
+    torchrun ... launch/train.py --config ... --out runs/f30k --init-from runs/coco
 
 SIGTERM, SIGINT and SIGUSR1 (SLURM's pre-emption warning) stop every rank after the current step
 with a checkpoint; rerunning the same command resumes there.
@@ -47,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: continue from the newest valid checkpoint in --out if any, else start; "
                         "latest: the same, but refuse to start without one; none: start fresh; "
                         "step_XXXXXXXX or best: that checkpoint of --out")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from another run's weights: its run directory (best checkpoint, else latest) or "
+                        "one checkpoint directory RUN/checkpoints/step_XXXXXXXX; weights only (optimizer, "
+                        "schedule and data position start fresh), its vocabulary is copied; ignored when --out "
+                        "already holds checkpoints (the run resumes)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = p.parse_args(argv)
     if not args.out and not args.print_config:
@@ -61,7 +68,8 @@ def resume_choice(value: str) -> str:
     if "/" in value or "\\" in value or value in (".", ".."):
         raise argparse.ArgumentTypeError(
             f"{value!r} is a path: --resume takes a checkpoint name of --out (step_XXXXXXXX, best, latest, "
-            f"auto or none); to continue another run, pass its directory as --out")
+            f"auto or none); to continue another run, pass its directory as --out; to start a new run "
+            f"from its weights, use --init-from {value}")
     if not re.fullmatch(r"step_\d{8}", value):
         raise argparse.ArgumentTypeError(f"{value!r}: expected auto, latest, none, best or step_XXXXXXXX "
                                          f"(a directory name under --out/checkpoints)")
@@ -82,7 +90,7 @@ def main(argv=None) -> int:
         init_distributed(env, cfg.train.dist_timeout_s)
         new_dir = env.is_main and not Path(args.out).exists()
         try:
-            trainer = Trainer(cfg, env, args.out, args.resume)
+            trainer = Trainer(cfg, env, args.out, args.resume, args.init_from)
         except BaseException:
             if new_dir:  # a refused start leaves no run directory behind (only what it had just written)
                 shutil.rmtree(args.out, ignore_errors=True)

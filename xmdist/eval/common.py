@@ -17,7 +17,7 @@ from xmdist.data.info import Split
 from xmdist.dist import DistEnv, on_main
 from xmdist.eval.encode import encode_split as encode_outputs
 from xmdist.eval.protocol import EvalRequest, Protocol, register_protocol
-from xmdist.eval.report import CURVE_KS, common_report
+from xmdist.eval.report import CURVE_KS, common_examples, common_report
 from xmdist.metrics import recall_at_k
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,14 @@ class CommonProtocol(Protocol):
         out = encode_outputs(req.method, req.model, req.split, req.decoder, req.env, req.batch_size,
                              min(req.num_workers, 2), req.max_items, req.autocast)
         metrics = score_split(out["image"], out["text"], req.split.name, req.env, cpi, req.folds, t0)
-        return metrics, {"img": out["image"], "cap": out["text"]}
+        return metrics, {"img": out["image"], "cap": out["text"], "ids": out["image_ids"]}
+
+    def log(self, req: EvalRequest, metrics: dict, encoded: dict) -> None:
+        """Retrieval examples (``{prefix}examples/...``) at each validation and the final test."""
+        writer = getattr(req.logger, "writer", None)  # rank 0 only
+        if writer is not None and req.examples:
+            common_examples(writer, req.split, req.decoder, encoded, req.shards.captions_per_image, req.step,
+                            f"step {req.step}", req.examples, prefix=req.prefix)
 
     def report(self, req: EvalRequest, metrics: dict, encoded: dict, writer, step: int, title: str,
                examples: int) -> dict:

@@ -17,7 +17,8 @@ def encode_split(method, model: torch.nn.Module, split: Split, decoder, env: Dis
                  num_workers: int = 0, max_items: int = 0, autocast: Callable | None = None,
                  post: Callable[[dict], dict] | None = None) -> dict[str, torch.Tensor]:
     """All ranks -> ``method.encode_batch`` outputs of the whole split, gathered and ordered by
-    image id: ``{"image": (n, d), "text": (n * t, d), ...}`` (rows of one image stay together).
+    image id: ``{"image": (n, d), "text": (n * t, d), ..., "image_ids": (n,)}`` (rows of one image
+    stay together).
 
     Samples (shards) are dealt out by rank; ``post`` maps each batch's outputs before they are
     kept (e.g. to sign codes). Floating outputs are kept as float32 on the CPU.
@@ -52,4 +53,5 @@ def encode_split(method, model: torch.nn.Module, split: Split, decoder, env: Dis
     for k, v in local.items():
         full = gather_variable(v.to(env.device)).cpu()[order]
         out[k] = full.reshape(-1, *full.shape[2:])
+    out["image_ids"] = all_ids[order]  # the sample id of each image row (damaged samples are not there)
     return out

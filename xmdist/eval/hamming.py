@@ -19,7 +19,7 @@ import torch
 from xmdist.dist import on_main
 from xmdist.eval.encode import encode_split
 from xmdist.eval.protocol import EvalRequest, Protocol, register_protocol
-from xmdist.eval.report import hamming_report
+from xmdist.eval.report import hamming_pr_curves, hamming_report, hashing_examples
 from xmdist.metrics.hashing import hamming_map, pr_curve, precision_at_k, to_codes
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,18 @@ class HammingProtocol(Protocol):
         return score(q, db, topk=req.topk, curves=req.curves)
 
     def log(self, req: EvalRequest, metrics: dict, encoded: dict) -> None:
-        """Each bit's balance over the database; with curves, the PR and P@K curves."""
+        """Each bit's balance over the database, TensorBoard PR curves per direction and code
+        length, retrieval examples; with curves, the PR and P@K curves as scalars and tables."""
         for k in ("image", "text"):
             req.logger.histogram(f"{req.prefix}bit_balance_{k}", bit_balance(encoded["db"][k]), req.step)
+        writer = getattr(req.logger, "writer", None)  # rank 0 only
+        if writer is not None:
+            hamming_pr_curves(writer, encoded, req.prefix, req.step)
+            names = req.method.cfg.data.labels or req.shards.info.get("label_names", [])
+            for name, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
+                if req.examples:
+                    req.logger.text(f"{req.prefix}examples/{name}",
+                                    hashing_examples(encoded, q_mod, db_mod, names, req.examples), req.step)
         for name in ("i2t", "t2i"):
             curves = metrics.get(f"curves_{name}")
             if curves:

@@ -37,6 +37,7 @@ class EvalRequest:
     logger: Any = None  # training-time TensorBoard (None: not logged)
     step: int = 0
     prefix: str = "val/"
+    examples: int = 0  # training-time TensorBoard: retrieval examples shown (0: none)
 
 
 class Protocol:

@@ -3,9 +3,11 @@ retrieval examples over the whole split.
 
 ``common``: the recall@K curves (K = 1..50, both directions) as an image; 4 query images with
 their top-5 captions (text, ✓ correct / ✗ wrong) and 4 query captions with their top-5 images (a
-grid, green border correct, red wrong). ``hamming``: the PR and P@K curves as images, each bit's
-balance over the database as histograms (``codes/bit_balance_{image,text}``: the mean of a bit,
-0 = balanced), and for a few queries their 5 nearest database items with labels.
+grid, green border correct, red wrong). ``hamming``: the PR and P@K curves as images, the PR
+curves also in TensorBoard's PR Curves tab, each bit's balance over the database as histograms
+(``codes/bit_balance_{image,text}``: the mean of a bit, 0 = balanced), and for a few queries
+their 5 nearest database items with labels. The examples and PR curves are also logged at each
+validation and the final test of a training run (``val/``, ``test/`` prefixes).
 """
 from __future__ import annotations
 
@@ -13,12 +15,22 @@ import textwrap
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from xmdist.data.splits import read_split_images, read_split_meta
+from xmdist.metrics.hashing import pr_counts
 
 CURVE_KS = range(1, 51)
 GREEN, RED = (0, 170, 0), (210, 0, 0)
+CAPTION_PX = 15  # caption text in image strips: readable when TensorBoard shows the strip at card width
+
+
+def _font(size: int = CAPTION_PX):
+    """A scalable font of ``size`` px where Pillow has FreeType, else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
 
 
 def draw_curve(curve: dict[str, list[float]], title: str) -> np.ndarray:
@@ -89,8 +101,30 @@ def hamming_report(writer, split, metrics: dict, codes: dict, balance: dict[str,
                                                        max(c["i2t"]["k"]), log_x=True), step, dataformats="HWC")
     for modality in ("image", "text"):
         writer.add_histogram(f"codes/bit_balance_{modality}", balance[modality], step)
+    hamming_pr_curves(writer, codes, f"{name}/", step)
     for direction, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
         writer.add_text(f"examples/{direction}", hashing_examples(codes, q_mod, db_mod, label_names, examples), step)
+
+
+def add_hamming_pr_curve(writer, tag: str, hits, retrieved, relevant: int, pairs: int, step: int) -> None:
+    """A precision-recall curve in TensorBoard's PR Curves tab from pair counts over Hamming radius
+    r = 0..K (:func:`xmdist.metrics.hashing.pr_counts`). Threshold i of K + 1 is the similarity
+    1 - r/K with r = K - i, so this is the curve ``add_pr_curve`` draws from every (query, item)
+    pair's relevance and that similarity (micro-averaged over pairs), without listing the pairs."""
+    tp = np.asarray(hits, np.float64)[::-1]
+    fp = np.asarray(retrieved, np.float64)[::-1] - tp
+    fn, tn = relevant - tp, (pairs - relevant) - fp
+    precision, recall = tp / np.maximum(1e-7, tp + fp), tp / np.maximum(1e-7, tp + fn)
+    writer.add_pr_curve_raw(tag, tp, fp, tn, fn, precision, recall, step, num_thresholds=len(tp))
+
+
+def hamming_pr_curves(writer, encoded: dict, prefix: str, step: int) -> None:
+    """``{prefix}pr_{i2t,t2i}_{K}bit``: both directions' PR curves of a hashing evaluation."""
+    q, db = encoded["query"], encoded["db"]
+    bits = q["image"].shape[1]
+    for name, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
+        counts = pr_counts(q[q_mod], db[db_mod], q["labels"], db["labels"])
+        add_hamming_pr_curve(writer, f"{prefix}pr_{name}_{bits}bit", *counts, step)
 
 
 def hashing_examples(codes: dict, q_mod: str, db_mod: str, label_names: list[str], examples: int) -> str:
@@ -121,12 +155,15 @@ def image_row(caption: str, images: list[torch.Tensor], correct: list[bool], bor
     tiles = [_pil(im, 96) for im in images]
     tw, th = max(t.width for t in tiles) + 2 * border, max(t.height for t in tiles) + 2 * border
     w = len(tiles) * (tw + 6) + 6
-    lines = textwrap.wrap(caption, max(20, w // 7))[:4]
-    head = 8 + 14 * len(lines)
+    font = _font()
+    em = max(6, int(font.getlength("n")))  # mean glyph width, for wrapping
+    line_h = CAPTION_PX + 5
+    lines = textwrap.wrap(caption, max(20, (w - 12) // em))[:4]
+    head = 8 + line_h * len(lines)
     im = Image.new("RGB", (w, head + th + 8), "white")
     d = ImageDraw.Draw(im)
     for i, line in enumerate(lines):
-        d.text((6, 4 + 14 * i), line, fill="black")
+        d.text((6, 4 + line_h * i), line, fill="black", font=font)
     for i, (tile, ok) in enumerate(zip(tiles, correct)):
         x0 = 6 + i * (tw + 6)
         d.rectangle([x0, head, x0 + tw - 1, head + th - 1], fill=GREEN if ok else RED)
@@ -142,9 +179,23 @@ def common_report(writer, split, decoder, metrics: dict, emb: dict, curve: dict,
         writer.add_scalar(f"{name}/{k}", v, step)
     writer.add_image(f"{name}/recall_at_k_curve", draw_curve(curve, f"{name} split, {title}:"), step,
                      dataformats="HWC")
-    ids, captions = read_split_meta(split)
+    common_examples(writer, split, decoder, emb, cpi, step, title, examples)
+
+
+def common_examples(writer, split, decoder, emb: dict, cpi: int, step: int, title: str, examples: int,
+                    prefix: str = "") -> None:
+    """``examples`` query images (evenly spaced over the split) with their top-5 captions as a text
+    table beside the image, and as many query captions with their top-5 images as a strip (the
+    caption printed above it, each image framed green when it is the caption's own) plus the
+    same as text; tags ``{prefix}examples/i2t_J/...`` and ``{prefix}examples/t2i_J``."""
+    name = split.name
+    split_ids, split_captions = read_split_meta(split)
     img, cap = emb["img"], emb["cap"]
     n = len(img)
+    # row i of the embeddings is sample ids[i] (a capped or damaged split has fewer rows than samples)
+    ids = emb["ids"].tolist() if "ids" in emb else split_ids[:n]
+    by_id = dict(zip(split_ids, split_captions))
+    captions = [by_id[i] for i in ids]
     q_img = sorted(set(np.linspace(0, n - 1, examples).round().astype(int).tolist()))
     q_cap = [int(i) * cpi + j % cpi for j, i in enumerate(q_img)]  # a different caption position each
     top_cap = (img[q_img] @ cap.T).topk(min(5, len(cap)), dim=1)
@@ -156,18 +207,19 @@ def common_report(writer, split, decoder, metrics: dict, emb: dict, curve: dict,
         for r, (c, s) in enumerate(zip(top_cap.indices[j].tolist(), top_cap.values[j].tolist()), 1):
             mark, cap_md = "✓" if c // cpi == i else "✗", captions[c // cpi][c % cpi].replace("|", "\\|")
             rows.append(f"| {r} | {mark} | {cap_md} | {ids[c // cpi]} | {s:.3f} |")
-        text = (f"**query image** id {ids[i]} ({name}, {title}); top-5 captions of the whole split "
+        text = (f"**query image** id {ids[i]} ({name}, {title}); top-5 captions of the {n} images scored "
                 f"(✓: a caption of this image)\n\n" + "\n".join(rows))
-        writer.add_text(f"examples/i2t_{j}/captions", text, step)
-        writer.add_image(f"examples/i2t_{j}/image", np.asarray(_pil(pixels[ids[i]], 128)), step, dataformats="HWC")
+        writer.add_text(f"{prefix}examples/i2t_{j}/captions", text, step)
+        writer.add_image(f"{prefix}examples/i2t_{j}/image", np.asarray(_pil(pixels[ids[i]], 128)), step,
+                         dataformats="HWC")
     for j, c in enumerate(q_cap):
         rows = top_img.indices[j].tolist()
         correct = [r == c // cpi for r in rows]
         query = captions[c // cpi][c % cpi]
-        writer.add_image(f"examples/t2i_{j}", image_row(f'"{query}" (image {ids[c // cpi]})',
+        writer.add_image(f"{prefix}examples/t2i_{j}", image_row(f'"{query}" (image {ids[c // cpi]})',
                                                           [pixels[ids[r]] for r in rows], correct),
                          step, dataformats="HWC")
         listing = ", ".join(f"{'✓' if ok else '✗'} {ids[r]} ({s:.3f})"
                             for r, ok, s in zip(rows, correct, top_img.values[j].tolist()))
-        writer.add_text(f"examples/t2i_{j}/query", f"**query caption** \"{query}\" (of image {ids[c // cpi]}); "
+        writer.add_text(f"{prefix}examples/t2i_{j}/query", f"**query caption** \"{query}\" (of image {ids[c // cpi]}); "
                         f"top-5 images: {listing}", step)

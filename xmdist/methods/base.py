@@ -19,7 +19,7 @@ What a method declares (class attributes): its config sections (``model_config``
 ``loss_config``: dataclasses, validated by :mod:`xmdist.config`), the kind of text it reads
 (``text_input``), its evaluation protocol by name (``protocol``: ``common`` or ``hamming``, see
 :mod:`xmdist.eval`) and the query kinds the search tools may give it (``query_inputs``).
-Optional hooks (``validate_config``, ``log_media``) have no-op defaults.
+Optional hooks (``validate_config``, ``check_init_from``, ``log_media``) have no-op defaults.
 
 Loss convention: a phase's ``loss`` is this rank's *share* of the global-batch objective (the
 sum of the shares over ranks is the objective); the trainer multiplies it by the world size
@@ -71,6 +71,9 @@ class Method:
     protocol: ClassVar[str] = "common"  # evaluation protocol (xmdist.eval)
     score_key: ClassVar[str | None] = None  # validation metric for the best checkpoint; None: the protocol's
     query_inputs: ClassVar[tuple[QueryInput, ...]] = ()  # what launch/search.py may encode
+    # files ``prepare`` writes into the run directory that the weights are tied to (a vocabulary,
+    # word vectors): ``--init-from`` copies them from the source run
+    run_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -79,6 +82,9 @@ class Method:
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
         """Checks across sections, after every section's own ``validate`` (raise ConfigError)."""
+
+    def check_init_from(self, source_run: Path) -> None:
+        """``--init-from``: refuse settings that contradict the source run's ``run_files``."""
 
     # ------------------------------------------------------------------ data
     def prepare(self, shards: ShardSet, run_dir: Path | None, train: bool = True) -> None:

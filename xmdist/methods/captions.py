@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from xmdist.config import ConfigError
 from xmdist.data.decode import IMAGE_KEYS, SampleDecoder
 from xmdist.data.info import ShardError, ShardSet
 from xmdist.data.loader import build_vocab
@@ -63,12 +64,19 @@ class CaptionMethod(Method):
     text_input = "captions"
     protocol = "common"
     query_inputs = ("text", "image")
+    run_files = ("vocab.json",)
     vocab: Vocab
+
+    def check_init_from(self, source_run: Path) -> None:
+        given = self.cfg.data.vocab
+        if given and Vocab.load(given).words != Vocab.load(source_run / "vocab.json").words:
+            raise ConfigError(f"data.vocab: {given} is not the vocabulary of the --init-from run "
+                              f"({source_run / 'vocab.json'}); its weights index that one's words. Leave "
+                              f"data.vocab empty to use it")
 
     def prepare(self, shards: ShardSet, run_dir: Path | None, train: bool = True) -> None:
         check_image_members(shards, self.cfg.method)
         self.vocab = caption_vocab(self.cfg, shards, run_dir, self.env, train)
-
 
     def pairs(self, shards: ShardSet) -> tuple[int, str]:
         return shards.captions_per_image, self.cfg.data.caption_mode

@@ -116,6 +116,7 @@ class CMFAH(Method):
     loss_config = CMFAHLossConfig
     text_input = "words"
     protocol = "hamming_asymmetric"
+    run_files = ("expansion.json", "expansion.npz")  # the word vectors the model embeds words with
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)

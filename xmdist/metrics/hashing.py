@@ -57,7 +57,7 @@ import torch
 
 Array = Union[np.ndarray, torch.Tensor]
 
-__all__ = ["to_codes", "hamming_ap", "hamming_map", "precision_at_k", "pr_curve"]
+__all__ = ["to_codes", "hamming_ap", "hamming_map", "precision_at_k", "pr_curve", "pr_counts"]
 
 CHUNK_ELEMENTS = 1 << 24  # (query rows) x (database items) per chunk
 SUB_ELEMENTS = 1 << 21    # per numpy work item (CPU): rows x database items
@@ -386,7 +386,27 @@ def pr_curve(q_codes: Array, db_codes: Array, q_labels: Array, db_labels: Array,
     ``dist <= r``. Precision at r: mean over the queries retrieving >= 1 item (the others are
     excluded; NaN if none); recall at r: mean over the queries with >= 1 relevant item (NaN if none).
     """
+    retrieved, hits, n_rel = _radius_counts(_prepare(q_codes, db_codes, q_labels, db_labels), chunk_size)
+    got, has = retrieved > 0, n_rel > 0
+    with np.errstate(invalid="ignore", divide="ignore"):   # 0/0 -> NaN: nothing to average
+        prec = np.where(got, hits / np.maximum(retrieved, 1), 0.0).sum(0) / got.sum(0)
+        rec = (hits[has] / n_rel[has, None]).sum(0) / has.sum()
+    return prec, rec
+
+
+def pr_counts(q_codes: Array, db_codes: Array, q_labels: Array, db_labels: Array, *,
+              chunk_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Pair counts over Hamming radius r = 0..K, summed over all (query, item) pairs: (relevant
+    pairs with ``dist <= r``, all pairs with ``dist <= r``, relevant pairs, pairs), int64. The
+    micro-averaged PR curve (TensorBoard's PR curves) follows from them."""
     inp = _prepare(q_codes, db_codes, q_labels, db_labels)
+    retrieved, hits, n_rel = _radius_counts(inp, chunk_size)
+    return hits.sum(0), retrieved.sum(0), int(n_rel.sum()), inp.q.shape[0] * inp.db.shape[0]
+
+
+def _radius_counts(inp: _Inputs, chunk_size: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query: items retrieved and relevant items retrieved within radius r = 0..K ((n_q, K + 1)
+    each), and its number of relevant items (n_q,)."""
     n_q, K, dev = inp.q.shape[0], inp.bits, inp.q.device
     rows = min(_chunk_rows(inp, chunk_size), n_q)
     buf = _buffers(inp, rows)
@@ -407,8 +427,4 @@ def pr_curve(q_codes: Array, db_codes: Array, q_labels: Array, db_labels: Array,
         h = torch.bincount(key.view(-1), minlength=(e - s) * nb * 2).view(e - s, nb, 2)
         h = h[:, :K + 1].cumsum(1).cpu().numpy()
         retrieved[s:e], hits[s:e], n_rel[s:e] = h.sum(2), h[:, :, 1], rel.sum(1).cpu().numpy()
-    got, has = retrieved > 0, n_rel > 0
-    with np.errstate(invalid="ignore", divide="ignore"):   # 0/0 -> NaN: nothing to average
-        prec = np.where(got, hits / np.maximum(retrieved, 1), 0.0).sum(0) / got.sum(0)
-        rec = (hits[has] / n_rel[has, None]).sum(0) / has.sum()
-    return prec, rec
+    return retrieved, hits, n_rel

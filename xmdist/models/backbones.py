@@ -228,7 +228,7 @@ class TrainableExtractor(FeatureExtractor):
 
     def __init__(self, backbone: str, net: nn.Module, layers: Sequence[str]):
         super().__init__(backbone, net, layers)
-        self.requires_grad_(True)
+        self.requires_grad_(True).train()  # the base class leaves itself in eval mode
 
     def train(self, mode: bool = True) -> "TrainableExtractor":
         return nn.Module.train(self, mode)

@@ -60,6 +60,7 @@ class TensorBoardLogger:
 
 
 class NullLogger:
+    writer = None  # no TensorBoard on this rank: nothing to draw
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         pass
 
@@ -91,7 +92,7 @@ def build_logger(env: DistEnv, run_dir: str | Path) -> TensorBoardLogger | NullL
 
 def run_hparams(config: dict, sections: tuple[str, ...] = ("model", "loss", "optim", "data", "train")) -> dict:
     """The resolved config flattened to ``section.key`` values TensorBoard's HParams accept
-    (numbers, strings, booleans; lists and nested values as text; paths and None left out)."""
+    (numbers, strings and booleans, paths among them; lists and nested values as text; None left out)."""
     out = {"method": config.get("method", "")}
     for sec in sections:
         for k, v in (config.get(sec) or {}).items():

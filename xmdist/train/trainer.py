@@ -27,6 +27,7 @@ from xmdist.methods import get_method, load_config
 from xmdist.train.backends import build_backend
 from xmdist.train.checkpoint import CheckpointManager, model_state, pack_state, unpack_state
 from xmdist.train.faults import FaultInjector
+from xmdist.train import init_from as init
 from xmdist.train.lock import RunLock, RunLocked
 from xmdist.train.logger import build_logger, run_hparams
 from xmdist.train.watchdog import Watchdog
@@ -135,8 +136,13 @@ def _try_lock(lock: RunLock) -> str | None:
     return None
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    return any(not p.name.endswith(".tmp") for p in (run_dir / "checkpoints").glob("step_*"))
+
+
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path, resume: str = "auto"):
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path, resume: str = "auto",
+                 init_from: str | None = None):
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         resolve_batch_size(cfg, env.world_size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -156,6 +162,15 @@ class Trainer:
             if folds > n:
                 raise ConfigError(f"{key}: {folds} folds, but split '{split.name}' gives {n} images to evaluate "
                                   f"(fewer than one per fold)")
+        self.init_source = None  # --init-from: the checkpoint whose weights start the run
+        if init_from:
+            source = init.resolve(init_from, self.run_dir)
+            init.check_method(source, cfg.method)
+            if resume != "none" and has_checkpoint(self.run_dir):
+                log.info("--init-from %s ignored: %s holds checkpoints, the run resumes from them", init_from,
+                         self.run_dir)
+            else:
+                self.init_source = source
         d = cfg.data
         self.method = get_method(cfg.method)(cfg, env)
         self.protocol = get_protocol(self.method.protocol)
@@ -172,10 +187,18 @@ class Trainer:
         refused = on_main(lambda: _try_lock(self.lock), env)
         if refused:
             raise ConfigError(refused)
+        if self.init_source:  # the files its weights are tied to (a vocabulary), before prepare reads them
+            self.method.check_init_from(self.init_source.run_dir)
+            init.inherit_files(self.method.run_files, self.init_source, self.run_dir, env)
         self.method.prepare(self.shards, self.run_dir, train=True)  # e.g. the vocabulary, once
         self.decoder = self.method.make_decoder(self.shards)
+        networks = self.method.build()
+        if self.init_source:  # into the bare modules: DeepSpeed's master weights start from them
+            init.load_weights({name: net.module for name, net in networks.items()}, self.init_source)
+        for net in networks.values():  # dropout on, BatchNorm in batch mode, except where a module
+            net.module.train()         # keeps a frozen part in eval mode (its own train())
         self.nets = {name: build_backend(net.module, net.optim, self.steps_per_epoch, cfg, env)
-                     for name, net in self.method.build().items()}
+                     for name, net in networks.items()}
         self.model = self.nets["model"]  # the retrieval model: evaluation and final test
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_last)
         self.logger = build_logger(env, self.run_dir)
@@ -390,7 +413,7 @@ class Trainer:
         return self.protocol.evaluate(EvalRequest(
             self.method, self.model.module, self.decoder, self.shards, split, self.env, e.batch_size,
             self.cfg.data.num_workers, self.model.autocast, folds=folds, max_items=max_images, curves=final,
-            logger=self.logger, step=self.step, prefix=prefix))
+            logger=self.logger, step=self.step, prefix=prefix, examples=e.examples))
 
     def validate(self) -> dict:
         metrics = self._evaluate(self.val_split, self.cfg.eval.val_folds, self.cfg.eval.max_val_images)
