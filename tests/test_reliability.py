@@ -67,6 +67,7 @@ def test_signal_checkpoints_then_resume_matches(tiny_shards, tmp_path):
     _assert_same_model(tmp_path / "straight", out)
 
 
+@pytest.mark.slow
 def test_resume_with_dropout_matches(tiny_shards, tmp_path):
     """DJSRH fine-tuning a random AlexNet from pixels (dropout active in fc6/fc7) on 2 ranks,
     stopped by SIGTERM after step 3 and resumed: the dropout masks after the resume are those of
