@@ -51,10 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_indexes(args, loaded, shards, split, img, cap, seconds: float) -> None:
-    ids, captions = read_split_meta(split)
-    if len(ids) != len(img):
-        raise RunError(f"split '{split.name}': {len(img)} images encoded but {len(ids)} samples readable")
+def write_indexes(args, loaded, shards, split, img, cap, encoded_ids, seconds: float) -> None:
+    split_ids, split_captions = read_split_meta(split)
+    by_id = dict(zip(split_ids, split_captions))
+    ids = encoded_ids.tolist()  # row i is sample ids[i]: a damaged sample is in neither
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise RunError(f"split '{split.name}': {len(missing)} encoded image(s) without readable captions, first "
+                       f"id {missing[0]}")
+    captions = [by_id[i] for i in ids]
     kind = "codes" if args.codes else "embedding"
     source = {"run": str(Path(args.run).resolve()), "checkpoint": loaded.checkpoint, "step": loaded.step,
               "method": loaded.config.method, "shards": str(shards.root.resolve()), "split": split.name}
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
                            args.batch_size or cfg.eval.batch_size, min(cfg.data.num_workers, 2), 0, loaded.autocast)
         img, cap = out["image"], out["text"]
         # rank 0 writes; a failure there stops every rank with the same error
-        on_main(lambda: write_indexes(args, loaded, shards, split, img, cap, time.time() - t0), env)
+        on_main(lambda: write_indexes(args, loaded, shards, split, img, cap, out["image_ids"], time.time() - t0), env)
         return 0
 
     return run_launcher(body, (ConfigError, ShardError, RunError, IndexFormatError, FileNotFoundError, OSError))

@@ -10,12 +10,23 @@ from xmdist.data.info import Split
 from xmdist.data.loader import iter_raw_samples
 
 
+def _meta(sample: dict) -> dict | None:
+    """The sample's json, or None for a damaged sample (the evaluation skipped and counted it)."""
+    try:
+        meta = decode_meta(sample)
+        return {"id": int(meta["id"]), "captions": [str(c) for c in meta["captions"]]}
+    except Exception:  # noqa: BLE001 - any damage: the sample is not among the encoded ones
+        return None
+
+
 def read_split_meta(split: Split) -> tuple[list[int], list[list[str]]]:
-    """Sample ids and captions of a split, ordered by id (the order of the evaluation encoding)."""
+    """Sample ids and captions of a split, ordered by id (the order of the evaluation encoding);
+    damaged samples are left out, as the evaluation leaves them out."""
     rows = []
     for sample in iter_raw_samples(list(split.paths)):
-        meta = decode_meta(sample)
-        rows.append((int(meta["id"]), [str(c) for c in meta["captions"]]))
+        meta = _meta(sample)
+        if meta is not None:
+            rows.append((meta["id"], meta["captions"]))
     rows.sort(key=lambda r: r[0])
     return [r[0] for r in rows], [r[1] for r in rows]
 
@@ -24,7 +35,8 @@ def read_split_images(split: Split, ids: Iterable[int], decoder) -> dict[int, to
     """The evaluation view (``decoder.eval_view``: uint8, resized, centre crop) of samples ``ids``."""
     want, out = set(ids), {}
     for sample in iter_raw_samples(list(split.paths)):
-        sid = int(decode_meta(sample)["id"])
+        meta = _meta(sample)
+        sid = meta["id"] if meta else None
         if sid in want:
             out[sid] = decoder.eval_view(sample)
             if len(out) == len(want):

@@ -7,6 +7,7 @@ so every rank returns the same dict.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -15,6 +16,8 @@ import torch
 from xmdist.config import ConfigError
 from xmdist.data.info import ShardSet, Split
 from xmdist.dist import DistEnv
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,7 +57,11 @@ class Protocol:
         """Metrics; with ``req.logger``, also what the protocol draws during training."""
         metrics, encoded = self.run(req)
         if req.logger is not None:
-            self.log(req, metrics, encoded)
+            try:  # drawing is rank-local (no collectives): a failure costs the pictures, not the run
+                self.log(req, metrics, encoded)
+            except Exception as e:  # noqa: BLE001
+                log.warning("TensorBoard report of split '%s' at step %d left out: %s: %s", req.split.name,
+                            req.step, type(e).__name__, e)
         return metrics
 
     def log(self, req: EvalRequest, metrics: dict, encoded: dict) -> None:
