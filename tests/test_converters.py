@@ -478,3 +478,36 @@ def test_folder_errors(image_dir, tmp_path, capsys, lines, message):
                  "--val-frac", "0", "--test-frac", "0")
     assert message in err.replace("\n", "")
     assert not (tmp_path / "x").exists()
+
+
+def test_folder_tsv_in_open_clip_layout_relative_to_its_folder(image_dir, tmp_path):
+    """open_clip's CSV form: a ``filepath`` and a ``title`` column, tab-separated, one row per
+    caption; paths relative to the file's folder (no --images) or absolute."""
+    captions = image_dir / "train.tsv"
+    rows = ["filepath\ttitle"] + [f"{_name(i)}\ttitle {i}, with a comma" for i in range(11)]
+    rows.append(f"{image_dir / _name(11)}\ttitle 11")  # an absolute path
+    rows.append(f"{_name(0)}\tanother title of 0")
+    captions.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    _run("folder", "--captions", captions, "--image-col", "filepath", "--caption-col", "title", "--out", out,
+         "--val-frac", "0", "--test-frac", "0")
+    info, samples = _info(out), _samples(out)
+    assert sorted(samples["train"]) == list(range(12)) and info["captions_per_image"] == 1
+    meta = {i: json.loads(s["json"]) for i, s in samples["train"].items()}
+    assert meta[0]["captions"] == ["title 0, with a comma", "another title of 0"]
+    assert meta[11]["filename"] == str(image_dir / _name(11))
+    assert samples["train"][5]["jpg"] == (image_dir / _name(5)).read_bytes()
+
+
+def test_folder_csv_with_another_separator_and_named_columns(image_dir, tmp_path, capsys):
+    captions = tmp_path / "pairs.csv"
+    captions.write_text("path;text\n" + "".join(f"{_name(i)};text {i}\n" for i in range(12)))
+    out = tmp_path / "out"
+    base = ["folder", "--images", image_dir, "--captions", captions, "--val-frac", "0", "--test-frac", "0"]
+    _run(*base, "--sep", ";", "--image-col", "path", "--caption-col", "text", "--out", out)
+    assert json.loads(_samples(out)["train"][7]["json"])["captions"] == ["text 7"]
+    err = _fails(capsys, *base, "--image-col", "path", "--caption-col", "text", "--out", tmp_path / "x")
+    assert "needs the image column 'path' and the caption column 'text'" in err and "separator ','" in err
+    assert "the header has: path;text" in err and not (tmp_path / "x").exists()
+    err = _fails(capsys, *base, "--sep", ";", "--out", tmp_path / "y")
+    assert "name the caption column with --caption-col" in err.replace("\n", " ")

@@ -114,10 +114,16 @@ def cmd_dcmh(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 
 def add_folder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=Path, required=True, help="image folder; paths are relative to it")
+    p.add_argument("--images", type=Path,
+                   help="image folder the paths in the captions file are relative to (default: the captions "
+                        "file's folder)")
     p.add_argument("--captions", type=Path, required=True,
-                   help="captions file: .jsonl (image, captions, labels?, split?) or .csv "
+                   help="captions file: .jsonl (image, captions, labels?, split?), .csv or .tsv "
                         "(image, caption or caption_1..caption_k, labels?, split?)")
+    p.add_argument("--image-col", default="image", help=".csv/.tsv: the column of the image paths")
+    p.add_argument("--caption-col", default="",
+                   help=".csv/.tsv: the column of the captions, one per row (default: 'caption' or 'caption_1'..)")
+    p.add_argument("--sep", default=None, help=".csv/.tsv: the field separator (default: ',' for .csv, tab for .tsv)")
     p.add_argument("--val-frac", type=float, default=0.05, help="validation fraction without a split field (0.05)")
     p.add_argument("--test-frac", type=float, default=0.05, help="test fraction without a split field (0.05)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random split seed (default 0)")
@@ -127,8 +133,11 @@ def add_folder_args(p: argparse.ArgumentParser) -> None:
 def cmd_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """An image folder with a JSONL or CSV captions file; splits from its split field or random."""
     check_out_dir(Path(args.out), args.overwrite)
+    sep = {"\\t": "\t", "tab": "\t"}.get(args.sep, args.sep)  # --sep '\t' from a shell
+    if sep is not None and len(sep) != 1:
+        parser.error(f"--sep: one character, got {args.sep!r}")
     _convert(args, folder.convert(args.images, args.captions, args.val_frac, args.test_frac, args.seed,
-                                  args.skip_missing))
+                                  args.skip_missing, sep, args.image_col, args.caption_col))
 
 
 def build_parser() -> argparse.ArgumentParser:

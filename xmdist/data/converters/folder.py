@@ -4,14 +4,17 @@ JSONL (``.jsonl``/``.ndjson``), one object per line, blank lines ignored, each i
 
     {"image": "relative/path.jpg", "captions": ["...", ...], "labels": [0, 3], "split": "train"}
 
-CSV (``.csv``, UTF-8, header row) with an ``image`` column and the captions either in a
-``caption`` column, one row per caption (the rows of an image are grouped, in file order; they
-need not be adjacent), or in ``caption_1`` .. ``caption_k`` columns (empty cells ignored).
-Optional ``labels`` (``;``-separated) and ``split`` columns must then agree on all rows of an
-image.
+CSV or TSV (``.csv`` comma-separated, ``.tsv`` tab-separated, ``sep`` to override; UTF-8,
+header row) with an ``image`` column and the captions either in a ``caption`` column, one row
+per caption (the rows of an image are grouped, in file order; they need not be adjacent), or in
+``caption_1`` .. ``caption_k`` columns (empty cells ignored). ``image_col`` and ``caption_col``
+name other columns for the image and the one-per-row caption (e.g. open_clip's ``filepath`` and
+``title``). Optional ``labels`` (``;``-separated) and ``split`` columns must then agree on all
+rows of an image.
 
-* ``image`` is relative to the image folder; sample id = the image's position in the file
-  (first appearance); samples are written in that order.
+* ``image`` is relative to the image folder (by default the captions file's folder), or
+  absolute; sample id = the image's position in the file (first appearance); samples are written
+  in that order.
 * ``labels`` (optional) are label indices (JSON integers; in CSV, when every label in the file
   is a decimal number) giving ``label_names`` ``"0" .. "max"``, or label names giving the sorted
   set of names; an image without labels gets an all-zero ``KEY.labels.npy`` (uint8 multi-hot).
@@ -81,25 +84,35 @@ def read_jsonl(path: Path) -> list[Entry]:
     return entries
 
 
-def read_csv(path: Path) -> list[Entry]:
+def read_csv(path: Path, sep: str | None = None, image_col: str = "image", caption_col: str = "") -> list[Entry]:
+    """A CSV/TSV captions file; ``sep`` default: tab for ``.tsv``, comma otherwise."""
+    sep = sep or ("\t" if path.suffix.lower() == ".tsv" else ",")
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter=sep)
         columns = reader.fieldnames or []
-        numbered = sorted((int(m.group(1)), c) for c in columns if (m := _CAPTION_COLUMN.fullmatch(c)))
-        if "image" not in columns or ("caption" in columns) == bool(numbered):
-            raise ConversionError(f"{path}: the header must have an 'image' column and either a 'caption' "
-                                  f"column or 'caption_1'..'caption_k' columns (it has: {', '.join(columns)})")
-        caption_columns = ["caption"] if "caption" in columns else [c for _, c in numbered]
+        found = f"(separator {sep!r}; the header has: {', '.join(columns)})"
+        if caption_col:
+            if image_col not in columns or caption_col not in columns:
+                raise ConversionError(f"{path}: the header needs the image column {image_col!r} and the caption "
+                                      f"column {caption_col!r} {found}")
+            caption_columns = [caption_col]
+        else:
+            numbered = sorted((int(m.group(1)), c) for c in columns if (m := _CAPTION_COLUMN.fullmatch(c)))
+            if image_col not in columns or ("caption" in columns) == bool(numbered):
+                raise ConversionError(f"{path}: the header must have an {image_col!r} column and either a 'caption' "
+                                      f"column or 'caption_1'..'caption_k' columns, or name the caption column "
+                                      f"with --caption-col {found}")
+            caption_columns = ["caption"] if "caption" in columns else [c for _, c in numbered]
         by_image: dict[str, Entry] = {}
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if None in row:
                 raise ConversionError(f"{where}: more fields than the header has columns")
             cells = {k: (v or "").strip() for k, v in row.items()}
-            if not cells["image"]:
-                raise ConversionError(f"{where}: empty 'image'")
+            if not cells[image_col]:
+                raise ConversionError(f"{where}: empty {image_col!r}")
             labels = [x.strip() for x in cells.get("labels", "").split(LABEL_SEPARATOR) if x.strip()]
-            entry = Entry(cells["image"], [cells[c] for c in caption_columns if cells[c]],
+            entry = Entry(cells[image_col], [cells[c] for c in caption_columns if cells[c]],
                           labels if "labels" in columns else None, cells.get("split") or None, where)
             first = by_image.setdefault(entry.image, entry)
             if first is not entry:
@@ -114,15 +127,18 @@ def read_csv(path: Path) -> list[Entry]:
     return entries
 
 
-def read_entries(path: Path) -> list[Entry]:
-    """The images of a JSONL or CSV captions file (by extension), validated."""
+def read_entries(path: Path, sep: str | None = None, image_col: str = "image", caption_col: str = "") -> list[Entry]:
+    """The images of a JSONL, CSV or TSV captions file (by extension), validated."""
     if not path.is_file():
-        raise ConversionError(f"captions file {path} does not exist")
+        raise ConversionError(f"captions file {path} {'is not a file' if path.exists() else 'does not exist'}")
     suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".ndjson", ".csv"):
-        raise ConversionError(f"captions file {path} must end in .jsonl, .ndjson or .csv")
+    if suffix not in (".jsonl", ".ndjson", ".csv", ".tsv"):
+        raise ConversionError(f"captions file {path} must end in .jsonl, .ndjson, .csv or .tsv")
+    tabular = suffix in (".csv", ".tsv")
+    if not tabular and (sep or image_col != "image" or caption_col):
+        raise ConversionError(f"--sep, --image-col and --caption-col are for .csv and .tsv files, not {path.name}")
     try:
-        entries = read_csv(path) if suffix == ".csv" else read_jsonl(path)
+        entries = read_csv(path, sep, image_col, caption_col) if tabular else read_jsonl(path)
     except (UnicodeDecodeError, csv.Error) as e:
         raise ConversionError(f"cannot read captions file {path}: {e}") from None
     if not entries:
@@ -172,12 +188,15 @@ def assign_splits(entries: list[Entry], val_frac: float, test_frac: float, seed:
     return splits, False
 
 
-def convert(images_root: Path, captions_path: Path, val_frac: float = 0.05, test_frac: float = 0.05,
-            seed: int = 0, skip_missing: bool = False) -> Conversion:
-    """Plan the shard set of an image folder and its captions file (see the module docstring)."""
+def convert(images_root: Path | None, captions_path: Path, val_frac: float = 0.05, test_frac: float = 0.05,
+            seed: int = 0, skip_missing: bool = False, sep: str | None = None, image_col: str = "image",
+            caption_col: str = "") -> Conversion:
+    """Plan the shard set of an image folder and its captions file (see the module docstring);
+    ``images_root`` None: image paths are relative to the captions file's folder."""
+    images_root = Path(captions_path).parent if images_root is None else images_root
     if not images_root.is_dir():
         raise ConversionError(f"image directory {images_root} does not exist")
-    entries = read_entries(captions_path)
+    entries = read_entries(captions_path, sep, image_col, caption_col)
     has_labels = any(e.labels is not None for e in entries)
     label_names = label_vocabulary(entries) if has_labels else []
     label_index = {name: i for i, name in enumerate(label_names)}
