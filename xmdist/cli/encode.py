@@ -25,7 +25,7 @@ from pathlib import Path
 from xmdist.cli import HelpFormatter, run_launcher
 from xmdist.config import ConfigError
 from xmdist.data.info import ShardError, ShardSet
-from xmdist.data.splits import read_split_meta
+from xmdist.data.splits import read_split_captions
 from xmdist.dist import DistEnv, init_distributed, on_main
 from xmdist.eval.encode import encode_split
 from xmdist.tools.index import IndexFormatError, check_target, save_index
@@ -52,8 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def write_indexes(args, loaded, shards, split, img, cap, encoded_ids, seconds: float) -> None:
-    split_ids, split_captions = read_split_meta(split)
-    by_id = dict(zip(split_ids, split_captions))
+    by_id = read_split_captions(split)
     ids = encoded_ids.tolist()  # row i is sample ids[i]: a damaged sample is in neither
     missing = [i for i in ids if i not in by_id]
     if missing:

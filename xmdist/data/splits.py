@@ -31,6 +31,11 @@ def read_split_meta(split: Split) -> tuple[list[int], list[list[str]]]:
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
+def read_split_captions(split: Split) -> dict[int, list[str]]:
+    """Sample id -> captions of a split's readable samples."""
+    return dict(zip(*read_split_meta(split)))
+
+
 def read_split_images(split: Split, ids: Iterable[int], decoder) -> dict[int, torch.Tensor]:
     """The evaluation view (``decoder.eval_view``: uint8, resized, centre crop) of samples ``ids``."""
     want, out = set(ids), {}

@@ -99,9 +99,8 @@ class CommonProtocol(Protocol):
 
     def log(self, req: EvalRequest, metrics: dict, encoded: dict) -> None:
         """Retrieval examples (``{prefix}examples/...``) at each validation and the final test."""
-        writer = getattr(req.logger, "writer", None)  # rank 0 only
-        if writer is not None and req.examples:
-            common_examples(writer, req.split, req.decoder, encoded, req.shards.captions_per_image, req.step,
+        if req.logger.writer is not None and req.examples:  # rank 0 only
+            common_examples(req.logger.writer, req.split, req.decoder, encoded, req.shards.captions_per_image, req.step,
                             f"step {req.step}", req.examples, prefix=req.prefix)
 
     def report(self, req: EvalRequest, metrics: dict, encoded: dict, writer, step: int, title: str,

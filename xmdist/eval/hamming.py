@@ -104,14 +104,13 @@ class HammingProtocol(Protocol):
         length, retrieval examples; with curves, the PR and P@K curves as scalars and tables."""
         for k in ("image", "text"):
             req.logger.histogram(f"{req.prefix}bit_balance_{k}", bit_balance(encoded["db"][k]), req.step)
-        writer = getattr(req.logger, "writer", None)  # rank 0 only
-        if writer is not None:
-            hamming_pr_curves(writer, encoded, req.prefix, req.step)
+        if req.logger.writer is not None:  # rank 0 only
+            hamming_pr_curves(req.logger.writer, encoded, req.prefix, req.step)
+        if req.logger.writer is not None and req.examples:
             names = req.method.cfg.data.labels or req.shards.info.get("label_names", [])
             for name, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
-                if req.examples:
-                    req.logger.text(f"{req.prefix}examples/{name}",
-                                    hashing_examples(encoded, q_mod, db_mod, names, req.examples), req.step)
+                req.logger.text(f"{req.prefix}examples/{name}",
+                                hashing_examples(encoded, q_mod, db_mod, names, req.examples), req.step)
         for name in ("i2t", "t2i"):
             curves = metrics.get(f"curves_{name}")
             if curves:

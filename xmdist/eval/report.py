@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from xmdist.data.splits import read_split_images, read_split_meta
+from xmdist.data.splits import read_split_captions, read_split_images
 from xmdist.metrics.hashing import pr_counts
 
 CURVE_KS = range(1, 51)
@@ -189,12 +189,10 @@ def common_examples(writer, split, decoder, emb: dict, cpi: int, step: int, titl
     caption printed above it, each image framed green when it is the caption's own) plus the
     same as text; tags ``{prefix}examples/i2t_J/...`` and ``{prefix}examples/t2i_J``."""
     name = split.name
-    split_ids, split_captions = read_split_meta(split)
     img, cap = emb["img"], emb["cap"]
     n = len(img)
-    # row i of the embeddings is sample ids[i] (a capped or damaged split has fewer rows than samples)
-    ids = emb["ids"].tolist() if "ids" in emb else split_ids[:n]
-    by_id = dict(zip(split_ids, split_captions))
+    ids = emb["ids"].tolist()  # row i of the embeddings is sample ids[i] (a capped or damaged split: fewer rows)
+    by_id = read_split_captions(split)
     captions = [by_id[i] for i in ids]
     q_img = sorted(set(np.linspace(0, n - 1, examples).round().astype(int).tolist()))
     q_cap = [int(i) * cpi + j % cpi for j, i in enumerate(q_img)]  # a different caption position each

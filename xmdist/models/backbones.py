@@ -234,13 +234,21 @@ class TrainableExtractor(FeatureExtractor):
         return nn.Module.train(self, mode)
 
 
+def state_mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """Keys of ``expected`` missing from ``state``, keys of ``state`` not in ``expected``, and keys
+    in both with other shapes (a short message where ``load_state_dict`` lists every key)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected, shaped
+
+
 def _check_state(backbone: str, weights: str, expected: Mapping[str, torch.Tensor], state: Any) -> None:
     """A short message for a file that is not a ``backbone`` state dict (torch's lists every key)."""
     if not isinstance(state, Mapping):
         raise FeatureError(f"{weights} holds a {type(state).__name__}, not a {backbone} state dict")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing, unexpected, shaped = state_mismatches(expected, state)
     if missing or unexpected or shaped:
         raise FeatureError(f"{weights} is not a torchvision {backbone} state dict: {len(missing)} missing, "
                            f"{len(unexpected)} unexpected and {len(shaped)} mis-shaped tensors "

@@ -91,6 +91,17 @@ def model_state(shared: dict, network: str = "model") -> dict:
     return shared["nets"][network]["model"]
 
 
+def complete_steps(ckpt_dir: str | Path) -> list[str]:
+    """Names of the complete checkpoints in ``ckpt_dir`` (``step_*``, not ``.tmp``), oldest first."""
+    return sorted(p.name for p in Path(ckpt_dir).glob("step_*") if not p.name.endswith(".tmp"))
+
+
+def read_pointer(ckpt_dir: str | Path, name: str) -> str | None:
+    """The checkpoint a pointer file (``latest``, ``best``) names, or None without one."""
+    p = Path(ckpt_dir) / name
+    return p.read_text().strip() if p.is_file() else None
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, env: DistEnv, keep_last: int = 3):
         self.dir = Path(run_dir) / "checkpoints"
@@ -100,8 +111,7 @@ class CheckpointManager:
         barrier()
 
     def _pointer(self, name: str) -> str | None:
-        p = self.dir / name
-        return p.read_text().strip() if p.is_file() else None
+        return read_pointer(self.dir, name)
 
     def save(self, step: int, shared: dict, rank: dict, best: bool = False,
              fail: bool = False) -> Path:
@@ -149,14 +159,14 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         keep = {self._pointer("best"), self._pointer("latest")}
-        steps = sorted(p.name for p in self.dir.glob("step_*") if not p.name.endswith(".tmp"))
+        steps = complete_steps(self.dir)
         for name in steps[: max(0, len(steps) - self.keep_last)]:
             if name not in keep:
                 shutil.rmtree(self.dir / name, ignore_errors=True)
 
     def candidates(self) -> list[str]:
         """Complete checkpoints, newest first, ``latest`` first of all."""
-        steps = sorted((p.name for p in self.dir.glob("step_*") if not p.name.endswith(".tmp")), reverse=True)
+        steps = complete_steps(self.dir)[::-1]
         latest = self._pointer("latest")
         return ([latest] if latest in steps else []) + [s for s in steps if s != latest]
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from xmdist.config import ConfigError
 from xmdist.dist import DistEnv, on_main
-from xmdist.train.checkpoint import load_file
+from xmdist.models.backbones import state_mismatches
+from xmdist.train.checkpoint import load_file, model_state, read_pointer
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,9 @@ def resolve(path: str | Path, out: str | Path) -> InitSource:
     if (p / "shared.pt").is_file():
         run_dir, ckpt = p.parent.parent, p
     elif (p / "checkpoints").is_dir():
-        run_dir = p
-        pointers = [p / "checkpoints" / n for n in ("best", "latest") if (p / "checkpoints" / n).is_file()]
-        names = [q.read_text().strip() for q in pointers]
-        found = [p / "checkpoints" / n for n in names if (p / "checkpoints" / n / "shared.pt").is_file()]
+        run_dir, ckpts = p, p / "checkpoints"
+        names = (read_pointer(ckpts, "best"), read_pointer(ckpts, "latest"))
+        found = [ckpts / n for n in names if n and (ckpts / n / "shared.pt").is_file()]
         if not found:
             raise FileNotFoundError(f"--init-from {p}: the run holds no complete checkpoint (checkpoints/best or "
                                     f"checkpoints/latest naming a directory with shared.pt)")
@@ -51,8 +51,7 @@ def resolve(path: str | Path, out: str | Path) -> InitSource:
         raise FileNotFoundError(f"--init-from {p}: neither a run directory (with checkpoints/) nor a checkpoint "
                                 f"directory (with shared.pt)")
     if Path(out).resolve() == run_dir.resolve():
-        raise ConfigError(f"--init-from {p} is a checkpoint of --out itself: use --resume "
-                          f"{ckpt.name if ckpt.name.startswith('step_') else 'auto'} to continue it")
+        raise ConfigError(f"--init-from {p} is a checkpoint of --out itself: use --resume {ckpt.name} to continue it")
     return InitSource(run_dir, ckpt)
 
 
@@ -87,16 +86,6 @@ def inherit_files(names: tuple[str, ...], source: InitSource, run_dir: Path, env
     on_main(copy, env)
 
 
-def _mismatches(module: nn.Module, state: dict) -> list[str]:
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shaped = [f"{k} {tuple(state[k].shape)} -> {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    return [*(f"{k} (shape)" for k in shaped), *(f"{k} (missing)" for k in missing),
-            *(f"{k} (not in this model)" for k in unexpected)]
-
-
 def load_weights(modules: dict[str, nn.Module], source: InitSource) -> None:
     """Every network's weights from the source checkpoint (read on each rank, never unpickled)."""
     shared = load_file(source.checkpoint / "shared.pt")
@@ -106,8 +95,12 @@ def load_weights(modules: dict[str, nn.Module], source: InitSource) -> None:
         raise ConfigError(f"--init-from {source.checkpoint}: holds networks {', '.join(sorted(nets))}, this run "
                           f"also trains {', '.join(absent)}")
     for name, module in modules.items():
-        state = nets[name]["model"]
-        bad = _mismatches(module, state)
+        state = model_state(shared, name)
+        own = module.state_dict()
+        missing, unexpected, shaped = state_mismatches(own, state)
+        bad = [*(f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in shaped),
+               *(f"{k} (missing)" for k in missing),
+               *(f"{k} (not in this model)" for k in unexpected)]
         if bad:
             raise ConfigError(f"--init-from {source.checkpoint}: network {name} does not match this config's "
                               f"({len(bad)} tensor(s); first: {'; '.join(bad[:3])}): change model.* back to the "

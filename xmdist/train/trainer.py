@@ -25,7 +25,7 @@ from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, on_mai
 from xmdist.eval import EvalRequest, get_protocol
 from xmdist.methods import get_method, load_config
 from xmdist.train.backends import build_backend
-from xmdist.train.checkpoint import CheckpointManager, model_state, pack_state, unpack_state
+from xmdist.train.checkpoint import CheckpointManager, complete_steps, model_state, pack_state, unpack_state
 from xmdist.train.faults import FaultInjector
 from xmdist.train import init_from as init
 from xmdist.train.lock import RunLock, RunLocked
@@ -136,10 +136,6 @@ def _try_lock(lock: RunLock) -> str | None:
     return None
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return any(not p.name.endswith(".tmp") for p in (run_dir / "checkpoints").glob("step_*"))
-
-
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path, resume: str = "auto",
                  init_from: str | None = None):
@@ -166,7 +162,7 @@ class Trainer:
         if init_from:
             source = init.resolve(init_from, self.run_dir)
             init.check_method(source, cfg.method)
-            if resume != "none" and has_checkpoint(self.run_dir):
+            if resume != "none" and complete_steps(self.run_dir / "checkpoints"):
                 log.info("--init-from %s ignored: %s holds checkpoints, the run resumes from them", init_from,
                          self.run_dir)
             else:
