@@ -46,6 +46,29 @@ def test_feature_separation_gives_three_unit_vectors():
         torch.testing.assert_close(v.norm(dim=1), torch.ones(5))
 
 
+@pytest.mark.parametrize("trunk", FeatureSeparation.TRUNKS)
+def test_feature_separation_trunks(trunk):
+    torch.manual_seed(0)
+    sep = FeatureSeparation(32, DIM, trunk=trunk)
+    x = torch.randn(6, 32)
+    for v in sep(x).values():
+        torch.testing.assert_close(v.norm(dim=1), torch.ones(6))
+    h = sep.trunk(x)
+    if trunk == "relu":
+        assert (h >= 0).all() and (h == 0).any()
+    elif trunk == "leaky":
+        assert (h < 0).any()
+        torch.testing.assert_close(h, F.leaky_relu(sep.trunk[0](x), 0.1))
+    else:  # an affine map of the feature: h(a) + h(b) - h(0) = h(a + b)
+        a, b, z = x[:3], x[3:], torch.zeros(3, 32)
+        torch.testing.assert_close(sep.trunk(a) + sep.trunk(b) - sep.trunk(z), sep.trunk(a + b))
+
+
+def test_feature_separation_refuses_an_unknown_trunk():
+    with pytest.raises(ValueError, match="relu, leaky, linear"):
+        FeatureSeparation(32, DIM, trunk="gelu")
+
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_generator_and_discriminators(size):
     fake = Generator(3 * DIM, ngf=8, out_size=size)(torch.randn(4, 3 * DIM))

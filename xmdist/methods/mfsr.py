@@ -23,7 +23,7 @@ from xmdist.methods.captions import CaptionMethod
 from xmdist.methods.parts import discriminator_optim, frozen, share
 from xmdist.methods.registry import register
 from xmdist.methods.vsepp import VSELossConfig, VSEModelConfig
-from xmdist.models.mfsr import Discriminator, MFSRModel, target_images
+from xmdist.models.mfsr import Discriminator, FeatureSeparation, MFSRModel, target_images
 
 
 @dataclass
@@ -36,9 +36,12 @@ class MFSRModelConfig(VSEModelConfig):
     ngf: int = 64  # generator width (DCGAN)
     ndf: int = 64  # discriminator width
     decoder_hidden: int = 512
+    sep_trunk: str = "relu"  # separation trunk: relu (the paper's MLP) | leaky | linear
 
     def validate(self) -> None:
         super().validate()
+        check(self.sep_trunk in FeatureSeparation.TRUNKS, "model.sep_trunk",
+              f"must be one of {', '.join(FeatureSeparation.TRUNKS)}")
         check(self.feature_dim >= 1, "model.feature_dim", "must be >= 1")
         check(self.recon_size in (32, 64), "model.recon_size", "must be 32 or 64")
         check(self.ngf >= 1 and self.ndf >= 1, "model.ngf", "ngf and ndf must be >= 1")
@@ -73,7 +76,8 @@ class MFSR(CaptionMethod):
         m, c = self.cfg.model, self.cfg.loss
         model = MFSRModel(len(self.vocab), m.backbone, m.feature_dim, m.embed_dim, m.word_dim, m.text_layers,
                           m.weights, m.finetune, image_recon=m.image_recon, caption_recon=m.caption_recon,
-                          image_size=m.recon_size, ngf=m.ngf, decoder_hidden=m.decoder_hidden)
+                          image_size=m.recon_size, ngf=m.ngf, decoder_hidden=m.decoder_hidden,
+                          sep_trunk=m.sep_trunk)
         nets = {"model": Network(model, self.cfg.optim)}
         if m.image_recon:
             nets["d1"] = Network(Discriminator(m.ndf, 3, m.recon_size), c.d_optim)

@@ -22,15 +22,25 @@ PARTS = ("mo", "se", "sp")
 class FeatureSeparation(nn.Module):
     """Pooled feature (B, in_dim) -> ``{"mo", "se", "sp"}``, each (B, dim), unit-norm, float32.
 
-    A shared ``Linear + ReLU`` trunk followed by three linear heads: the three parts are a
-    decomposition of one feature, so they share its first transformation and differ only in
-    the projection that separates them (and the trunk is paid for once, not three times).
+    A shared trunk followed by three linear heads: the three parts are a decomposition of one
+    feature, so they share its first transformation and differ only in the projection that
+    separates them (and the trunk is paid for once, not three times). ``trunk``:
+
+    * ``"relu"``: ``Linear + ReLU`` (the paper's MLP);
+    * ``"leaky"``: ``Linear + LeakyReLU(0.1)``: no unit can stop passing gradient;
+    * ``"linear"``: ``Linear`` alone: each head is a linear map of the feature, the function
+      class VSE++'s projection has, so the retrieval part ``se`` keeps every direction of it.
     """
 
-    def __init__(self, in_dim: int, dim: int, hidden: int | None = None):
+    TRUNKS = ("relu", "leaky", "linear")
+
+    def __init__(self, in_dim: int, dim: int, hidden: int | None = None, trunk: str = "relu"):
         super().__init__()
+        if trunk not in self.TRUNKS:
+            raise ValueError(f"separation trunk must be one of {', '.join(self.TRUNKS)}, got {trunk!r}")
         hidden = hidden or in_dim
-        self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True))
+        act = {"relu": [nn.ReLU(inplace=True)], "leaky": [nn.LeakyReLU(0.1, inplace=True)], "linear": []}[trunk]
+        self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), *act)
         self.heads = nn.ModuleDict({p: nn.Linear(hidden, dim) for p in PARTS})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -185,12 +195,12 @@ class MFSRModel(nn.Module):
                  word_dim: int = 300, text_layers: int = 1, weights: str | None = None,
                  finetune: bool = True, image_recon: bool = True, caption_recon: bool = True,
                  image_size: int = 64, ngf: int = 64, decoder_hidden: int = 1024,
-                 decoder_layers: int = 1):
+                 decoder_layers: int = 1, sep_trunk: str = "relu"):
         super().__init__()
         self.image = ImageEncoder(backbone, embed_dim, weights, finetune)
         self.text = TextEncoder(vocab_size, word_dim, embed_dim, text_layers)
-        self.sep_image = FeatureSeparation(embed_dim, sep_dim)
-        self.sep_text = FeatureSeparation(embed_dim, sep_dim)
+        self.sep_image = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk)
+        self.sep_text = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk)
         self.image_size = image_size
         self.generator = Generator(3 * sep_dim, ngf, image_size) if image_recon else None
         self.decoder = CaptionDecoder(vocab_size, 3 * sep_dim, word_dim, decoder_hidden,
