@@ -1,7 +1,7 @@
 """Multi-node on one machine: two torchrun agents ("nodes", --nnodes=2, a c10d rendezvous on
 127.0.0.1) of 2 processes each against one agent of 4 processes, and a node lost mid-run (one
-process per node there: 2 ranks resume bit for bit, while at 4 ranks the first step after any
-resume sums some gradients in another order: test_resume_at_four_ranks_is_within_rounding).
+process per node there: 2 ranks resume bit for bit, while at 4 ranks DDP's first step after any
+resume adds some gradients in another order; README, "Multi-node training").
 
 Node 0's agent is started first and hosts the rendezvous store (the agent that binds the
 endpoint does), as the agent on the endpoint's host does on a real cluster. A lost node is its
