@@ -1,8 +1,9 @@
 """SLURM: both sbatch templates on a real cluster, and pre-emption -> requeue -> exact resume.
 
-Needs a running cluster (``bash .ci/slurm.sh`` starts a one-node one on this machine and runs
-this file); marked ``slurm``, so the default test run leaves it out. Jobs run on the CPU (gloo)
-with 2 processes on the tiny shards; each takes well under a minute on 2 cores.
+Needs a running cluster (``bash .ci/slurm.sh`` starts one on this machine, two nodes that are
+two slurmd of the one host, and runs this file); marked ``slurm``, so the default test run
+leaves it out. Jobs run on the CPU (gloo) with 2 processes on the tiny shards; each takes well
+under a minute on 2 cores.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ CPU = {"train_srun.sbatch": ["--ntasks-per-node=2", "--cpus-per-task=1"],
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
         "PREEMPTED"}
 JOB_TIMEOUT_S = 240
+TWO_NODES = "ci-2nodes"  # the partition of .ci/slurm.sh's two nodes
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,16 +49,19 @@ def cluster() -> None:
 class Job:
     """One sbatch submission of a template; its log is ``<out>.log``."""
 
-    def __init__(self, template: str, shards: Path, out: Path, fault: str | None = None):
+    def __init__(self, template: str, shards: Path, out: Path, fault: str | None = None, nodes: int = 1):
         self.out, self.log = out, out.with_suffix(".log")
         sets = [a for o in (*SETS, f"data.shards={shards}") for a in ("--set", o)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NPROC": "2", "OUT": str(out),
+        # two nodes: one process on each, the same 2 ranks as on one node
+        cpu = CPU[template] if nodes == 1 else ["--ntasks-per-node=1", "--cpus-per-task=1", f"--nodes={nodes}",
+                                                f"--partition={TWO_NODES}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NPROC": str(2 // nodes), "OUT": str(out),
                "CONFIG": "configs/demo_vsepp_synthetic.yaml", "XMDIST_ROOT": str(ROOT)}
         env.pop("XMDIST_FAULT", None)
         if fault:
             env["XMDIST_FAULT"] = fault
         cmd = ["sbatch", "--parsable", f"--job-name=xmdist-test-{template.split('_')[1].split('.')[0]}",
-               f"--output={self.log}", "--time=10", "--gpus-per-node=0", *CPU[template],
+               f"--output={self.log}", "--time=10", "--gpus-per-node=0", *cpu,
                str(ROOT / "launch/slurm" / template), *sets]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
         assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
@@ -149,7 +154,7 @@ def test_torchrun_template_trains_one_node_two_workers(tiny_shards, tmp_path, jo
     job = jobs("train_torchrun.sbatch", tiny_shards, tmp_path / "torchrun")
     job.wait()
     check_outputs(job)
-    assert "1 node(s) x 2 worker(s), rendezvous localhost:" in job.text()
+    assert f"1 node(s) x 2 worker(s), rendezvous {job.info()['NodeList']}:" in job.text()
     assert_same_model(straight.out, job.out)  # the same ranks and data: the same parameters
 
 
@@ -178,4 +183,29 @@ def test_preemption_requeues_and_resumes_exactly(tiny_shards, tmp_path, jobs, st
         assert "SIGUSR1 (pre-emption warning): forwarding it" in text
     assert (job.out / "checkpoints" / "step_00000003").is_dir()
     check_outputs(job)
+    assert_same_model(straight.out, job.out)
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> None:
+    """Skip unless .ci/slurm.sh's second node is up (module scope: checked before ``straight`` runs)."""
+    proc = subprocess.run(["sinfo", "-h", "-p", TWO_NODES, "-o", "%D %t"], capture_output=True, text=True, timeout=30)
+    if proc.stdout.split() != ["2", "idle"]:
+        pytest.skip(f"no 2 idle nodes in partition {TWO_NODES} (sinfo: {proc.stdout.strip() or proc.stderr.strip()!r}); "
+                    f".ci/slurm.sh starts them when the host name resolves")
+
+
+@pytest.mark.parametrize("template", ["train_torchrun.sbatch", "train_srun.sbatch"])
+def test_two_nodes_train_like_one(two_nodes, tiny_shards, tmp_path, jobs, straight, template):
+    """sbatch --nodes=2, one process per node: the ranks meet across the two slurmd (torchrun's
+    c10d rendezvous on the first node, or srun's tasks with MASTER_ADDR the first node) and end
+    with the parameters of the one-node run."""
+    job = jobs(template, tiny_shards, tmp_path / "two", nodes=2)
+    info = job.wait()
+    check_outputs(job)
+    hosts = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True, text=True,
+                           timeout=30).stdout.split()
+    assert len(hosts) == 2, info["NodeList"]
+    if template == "train_torchrun.sbatch":
+        assert f"2 node(s) x 1 worker(s), rendezvous {hosts[0]}:" in job.text()
     assert_same_model(straight.out, job.out)

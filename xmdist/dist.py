@@ -79,6 +79,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def store_prefix(env: dict | None = None) -> str:
+    """The key prefix of this attempt's process group in the rendezvous store.
+
+    torchrun's agents share one store for the whole job by default (TORCHELASTIC_USE_AGENT_STORE):
+    a rank restarted by ``--max-restarts`` would read its peers' addresses from the failed attempt
+    without a prefix per attempt. With ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` every rendezvous
+    round gets a new store, and the restart counts of the nodes may differ (a node started again
+    by hand counts from 0 while the survivors count their restarts): the prefix must then be the
+    same on every node.
+    """
+    env = os.environ if env is None else env
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return f"xmdist/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return "xmdist/attempt_0"
+
+
 def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
     """Create the default process group (also for one process, so every code path is the same)."""
     if dist.is_initialized():
@@ -97,11 +113,8 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
             raise RuntimeError("MASTER_PORT is not set: launch with torchrun or srun, or export it")
     timeout = datetime.timedelta(seconds=timeout_s)
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
-    # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix a
-    # restarted rank reads its peers' addresses from the failed attempt and cannot connect.
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
-        backend=env.backend, store=dist.PrefixStore(f"xmdist/attempt_{attempt}", store), rank=env.rank,
+        backend=env.backend, store=dist.PrefixStore(store_prefix(), store), rank=env.rank,
         world_size=env.world_size, timeout=timeout, device_id=env.device if env.device.type == "cuda" else None,
     )
 
