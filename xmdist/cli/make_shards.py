@@ -147,11 +147,11 @@ def cmd_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 def cmd_index(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Count the samples of other shards (patterns, URLs) and write an _info.json index."""
-    from xmdist.tools.index import IndexError_, write_index
+    from xmdist.tools.shard_index import ShardIndexError, write_index
 
     try:
         write_index(args.shards, args.out, args.workers, args.image_key, args.caption_key, args.captions_per_image)
-    except IndexError_ as e:
+    except ShardIndexError as e:
         parser.error(str(e))
 
 

@@ -8,6 +8,7 @@ so the streams, the evaluation and the tools never need to know where shards cam
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -117,8 +118,16 @@ def is_xmdist_set(spec: Any) -> bool:
     return not os.path.exists(spec) and not looks_like_pattern
 
 
-def open_shards(d) -> ShardSet | WebShardSet:
-    """The shard set of config section ``data`` (:class:`xmdist.config.DataConfig`)."""
+def describe(shards: ShardSet | WebShardSet) -> str:
+    """Where a shard set lies, for results files: an absolute directory, else the spec."""
+    return str(shards.root.resolve()) if isinstance(shards, ShardSet) else shards.root
+
+
+def open_shards(d, override: str | None = None) -> ShardSet | WebShardSet:
+    """The shard set of config section ``data`` (:class:`xmdist.config.DataConfig`); ``override``
+    replaces ``data.shards`` (a tool's ``--shards``)."""
+    if override:
+        d = dataclasses.replace(d, shards=str(override))
     if is_xmdist_set(d.shards):
         if d.val_shards or d.test_shards:
             raise ShardError(f"data.val_shards / data.test_shards: {d.shards} is an xmdist shard set with its own "
