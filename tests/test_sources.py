@@ -251,3 +251,18 @@ def test_equal_steps_and_exact_resume_on_img2dataset_shards(i2d, resampled):
     rest, _ = _batches(split, 1, 2, start=start, resampled=resampled)
     for a, b in zip(full[1][start:], rest):
         assert torch.equal(a["image_ids"], b["image_ids"]) and torch.equal(a["images"], b["images"])
+
+
+def test_the_vocabulary_of_a_large_set_comes_from_a_bounded_recorded_sample(i2d):
+    root, written = i2d
+    split = open_shards(_data(shards=str(root))).split("train")
+    record: dict = {}
+    bounded = build_vocab(split, 1, max_captions=60, seed=0, record=record)
+    assert record["captions"] == 60 and record["complete"] is False and record["samples"] == 60
+    assert len(record["shards"]) == 2 and record["shards"] != list(split.paths[:2])  # a seeded random order
+    again: dict = {}
+    assert build_vocab(split, 1, max_captions=60, seed=0, record=again).words == bounded.words and again == record
+    whole: dict = {}
+    full = build_vocab(split, 1, record=whole)
+    assert whole["complete"] is True and whole["captions"] == len(written)
+    assert set(bounded.words) <= set(full.words)
