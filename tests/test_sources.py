@@ -266,3 +266,11 @@ def test_the_vocabulary_of_a_large_set_comes_from_a_bounded_recorded_sample(i2d)
     full = build_vocab(split, 1, record=whole)
     assert whole["complete"] is True and whole["captions"] == len(written)
     assert set(bounded.words) <= set(full.words)
+
+
+def test_an_override_that_is_not_yaml_names_its_key():
+    from xmdist.config import ConfigError, parse_overrides
+
+    with pytest.raises(ConfigError, match=r"data.shards: the value '\[/a/\{0..1\}.tar, /b.tar\]' is not valid YAML"):
+        parse_overrides(["data.shards=[/a/{0..1}.tar, /b.tar]"])
+    assert parse_overrides(['data.shards=["/a/{0..1}.tar", /b.tar]']) == [("data.shards", ["/a/{0..1}.tar", "/b.tar"])]

@@ -284,7 +284,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item}: overrides look like section.key=value")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key.strip()}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]}); "
+                              f"quote strings holding braces or brackets inside a list") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 

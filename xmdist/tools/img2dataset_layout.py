@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import simplejpeg
 from webdataset import TarWriter
 
 from xmdist.data.decode import decode_meta
@@ -59,9 +60,11 @@ def write_img2dataset(split: Split, out: str | Path, per_shard: int = 100, faile
         meta = decode_meta(sample)
         caption = meta["captions"][0]
         jpg = sample["jpg"]
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpg)
         writer.write({"__key__": key, "jpg": jpg, "txt": caption.encode(), "json": json.dumps({
             "url": f"http://example.com/{key}.jpg", "key": key, "status": "success", "error_message": None,
-            "caption": caption, "width": 32, "height": 32, "original_width": 32, "original_height": 32,
+            "caption": caption, "width": width, "height": height, "original_width": width,
+            "original_height": height,
             "exif": "{}", "sha256": hashlib.sha256(jpg).hexdigest()}).encode()})
         stats["successes"] += 1
         written.append({"key": key, "id": int(key), "caption": caption, "source_id": int(meta["id"])})
