@@ -274,3 +274,19 @@ def test_an_override_that_is_not_yaml_names_its_key():
     with pytest.raises(ConfigError, match=r"data.shards: the value '\[/a/\{0..1\}.tar, /b.tar\]' is not valid YAML"):
         parse_overrides(["data.shards=[/a/{0..1}.tar, /b.tar]"])
     assert parse_overrides(['data.shards=["/a/{0..1}.tar", /b.tar]']) == [("data.shards", ["/a/{0..1}.tar", "/b.tar"])]
+
+
+def test_a_truncated_shard_yields_what_precedes_the_damage(i2d, tmp_path):
+    root, written = i2d
+    data = (root / "00000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2])
+    reasons = Counter()
+    got = list(iter_raw_samples([str(tmp_path / "cut.tar")], lambda r: reasons.update([r]), SampleFields()))
+    first = [w["key"] for w in written if w["key"].startswith("00000")]
+    assert 0 < len(got) < len(first) and [s["__key__"] for s in got] == first[:len(got)]
+    assert reasons["shard_error"] == 1
+    gz = tmp_path / "s.tar.gz"  # not a plain tar: read by tarfile, the same samples
+    import gzip
+
+    gz.write_bytes(gzip.compress(data))
+    assert [s["__key__"] for s in iter_raw_samples([str(gz)], None, SampleFields())] == first

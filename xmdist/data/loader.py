@@ -35,6 +35,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from xmdist.data.decode import DECODE_ERRORS, SampleDecoder, checked_captions, decode_meta, npy_holds_objects
 from xmdist.data.fields import SampleFields, Unusable
 from xmdist.data.info import ShardError, Split
+from xmdist.data import tarstream
 from xmdist.data.sources import is_local, open_shard
 from xmdist.data.vocab import Vocab
 
@@ -56,6 +57,33 @@ def pickled_npy_members(sample: dict) -> list[str]:
 def _members(stream, url: str, handler) -> Iterator[dict]:
     members = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
     return group_by_keys(members, handler=handler)
+
+
+class _Prepended:
+    """A stream with its first bytes, already read, put back in front."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
+
+
+def _lean_members(stream, url: str, handler) -> Iterator[dict]:
+    """Samples of a shard of another tool: plain tars through the lean reader (xmdist.data.tarstream),
+    anything else (a compressed tar) through tarfile."""
+    head = stream.read(tarstream.BLOCK)
+    if not tarstream.is_plain_tar(head):
+        return _members(_Prepended(head, stream), url, handler)
+    files = ({"fname": name, "data": data, "__url__": url} for name, data in tarstream.iter_members(stream, head)
+             if not name.rsplit("/", 1)[-1].startswith("__"))  # webdataset's own metadata members
+    return group_by_keys(files, handler=handler)
 
 
 def _checked(sample: dict, path: str, on_skip) -> bool:
@@ -90,7 +118,7 @@ def _foreign_samples(path: str, fields: SampleFields, on_skip) -> Iterator[dict]
 
         try:
             with open_shard(path, fields.timeout_s) as stream:
-                for sample in _members(stream, path, handler):
+                for sample in _lean_members(stream, path, handler):
                     produced += 1
                     try:
                         yield fields.adapt(sample)
