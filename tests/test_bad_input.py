@@ -393,7 +393,7 @@ def test_corrupt_jpeg_is_skipped(damaged_run):
 
 def test_sample_missing_a_member_is_skipped(damaged_run):
     assert "has no json member'" in damaged_run[0].stdout
-    assert "has no image member (jpg/jpeg/png)'" in damaged_run[0].stdout
+    assert "has no image member (jpg/jpeg/png/webp)'" in damaged_run[0].stdout
 
 
 def test_member_needing_unpickling_is_refused_never_unpickled(damaged_run):

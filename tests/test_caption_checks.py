@@ -53,6 +53,6 @@ def test_caption_method_on_a_feature_set_is_refused_before_any_pass(tiny_shards,
     (shards / "_info.json").write_text(json.dumps(info))
     proc = train(shards, tmp_path / "run", "train.max_steps=2", nproc=1, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert (f"error: {shards} holds fc7.npy, json, labels.npy, tags.npy per sample and no image (jpg/jpeg/png): "
+    assert (f"error: {shards} holds fc7.npy, json, labels.npy, tags.npy per sample and no image (jpg/jpeg/png/webp): "
             f"method vsepp trains on image shards") in proc.stderr
     assert "vocabulary:" not in proc.stdout and not (tmp_path / "run").exists()

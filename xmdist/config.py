@@ -35,7 +35,20 @@ def check(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/synthetic"  # directory holding *.tar shards and _info.json
+    # an xmdist shard set directory (*.tar + _info.json), or other WebDataset shards: a brace pattern,
+    # glob, .tar, directory of .tar files, pipe:/http(s) URL, a list of them, or weighted sources
+    # ('::'-joined, or a list of {shards, weight}); see xmdist/data/sources.py
+    shards: str | list[str | dict[str, Any]] = "shards/synthetic"
+    val_shards: str | list[str | dict[str, Any]] = ""  # other shard sets: the validation split ("": none)
+    test_shards: str | list[str | dict[str, Any]] = ""  # other shard sets: the test split ("": none)
+    shard_weights: list[float] = field(default_factory=list)  # '::'-joined sources: each one's share (resampled)
+    train_num_samples: int = 0  # other shard sets without per-shard counts: samples per epoch (resampled)
+    captions_per_image: int = 0  # other shard sets: captions used per image (0: 1)
+    image_key: str = ""  # other shard sets: the image member ("": the first of jpg, jpeg, png, webp)
+    caption_key: str = ""  # other shard sets: member (txt) or json:FIELD ("": txt, json caption, json captions)
+    open_retries: int = 2  # a remote shard that fails to open is retried this often, then skipped and counted
+    open_timeout_s: float = 60.0  # http(s) shards: seconds without data before the read fails
+    vocab_samples: int = 1_000_000  # vocabulary: at most this many training captions are read (0: all)
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -62,8 +75,14 @@ class DataConfig:
     allow_changed_shards: bool = False  # resume even when the training shards differ from the checkpoint's
 
     def validate(self) -> None:
-        check(bool(self.shards.strip()), "data.shards", "required: the shard set directory (launch/make_shards.py "
-              "writes one)")
+        check(bool(self.shards.strip() if isinstance(self.shards, str) else self.shards), "data.shards",
+              "required: the shard set directory (launch/make_shards.py writes one) or a shard pattern")
+        check(all(w > 0 for w in self.shard_weights), "data.shard_weights", "must all be > 0")
+        check(self.train_num_samples >= 0, "data.train_num_samples", "must be >= 0 (0: counted per shard)")
+        check(self.captions_per_image >= 0, "data.captions_per_image", "must be >= 0")
+        check(self.open_retries >= 0, "data.open_retries", "must be >= 0")
+        check(self.open_timeout_s > 0, "data.open_timeout_s", "must be > 0")
+        check(self.vocab_samples >= 0, "data.vocab_samples", "must be >= 0 (0: all)")
         check(self.batch_size >= 2, "data.batch_size", "must be >= 2 (negatives come from the batch)")
         check(self.global_batch_size >= 0, "data.global_batch_size", "must be >= 0 (0: use data.batch_size)")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -265,7 +284,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item}: overrides look like section.key=value")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key.strip()}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]}); "
+                              f"quote strings holding braces or brackets inside a list") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 

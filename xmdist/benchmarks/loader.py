@@ -4,7 +4,10 @@ Both produce the same training batches (RandomResizedCrop to the output size, no
 tokenised captions) with the same number of worker processes. The per-file baseline opens each
 JPEG with PIL and decodes it at full size, as VSE++'s data loader does; xmdist reads tar shards
 sequentially and decodes JPEGs with libjpeg-turbo at reduced scale when the output size allows.
-With a GPU, the nvJPEG path (``data.gpu_decode``) is measured too.
+With a GPU, the nvJPEG path (``data.gpu_decode``) is measured too. ``--img2dataset`` measures
+the same JPEG bytes in img2dataset's layout (``00000.tar`` with jpg/txt/json and ``_stats.json``)
+read through a brace pattern, as ``data.shards`` reads such sets; ``--no-per-file`` leaves the
+PIL baseline out.
 """
 from __future__ import annotations
 
@@ -115,6 +118,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="measurements of each loader, alternating; the median is reported")
     p.add_argument("--sizes", default="64,224,384", help="output crop sizes")
+    p.add_argument("--img2dataset", action="store_true",
+                   help="also the same JPEGs in img2dataset's layout through a brace pattern")
+    p.add_argument("--no-per-file", dest="per_file", action="store_false", help="leave the PIL baseline out")
+
+
+def img2dataset_split(root: Path, split):
+    """``split`` rewritten once in img2dataset's layout under ``root/img2dataset``, opened through
+    a brace pattern as ``data.shards`` would be."""
+    from xmdist.config import DataConfig
+    from xmdist.data.webset import open_shards
+    from xmdist.tools.img2dataset_layout import write_img2dataset
+
+    out = root / "img2dataset"
+    if not (out / "done").exists():
+        write_img2dataset(split, out, per_shard=max(10, min(1000, split.num_samples // 20)))
+        (out / "done").write_text("")
+    last = len(list(out.glob("*.tar"))) - 1
+    return open_shards(DataConfig(shards=f"{out}/{{00000..{last:05d}}}.tar")).split("train")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -125,6 +146,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = split.num_samples // args.batch_size
     result = {"images": f"{args.num} JPEGs {args.width}x{args.height}", "workers": args.workers,
               "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "sizes": {}}
+    i2d = img2dataset_split(root, split) if args.img2dataset else None
     for size in (int(s) for s in args.sizes.split(",")):
         decoder = SampleDecoder(vocab, size, size, (0.08, 1.0), True, 40)
         workers = worker_count(split, 1, args.workers)
@@ -132,15 +154,27 @@ def run(args: argparse.Namespace) -> dict:
         stream = TrainStream(plan, decoder, args.batch_size, 1000, "random", 1)
         baseline = DataLoader(PerFileDataset(root, vocab, size), batch_size=args.batch_size, shuffle=True,
                               num_workers=args.workers, collate_fn=decoder.collate, prefetch_factor=4)
-        shard_runs, file_runs = [], []
+        if i2d is not None:
+            i2d_stream = TrainStream(StreamPlan(i2d, 0, 1, steps, seed=0), decoder, args.batch_size, 1000, "random", 1)
+        shard_runs, file_runs, i2d_runs = [], [], []
         for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits both
             shard_runs.append(samples_per_s(make_loader(stream, workers, False), args.batches))
-            file_runs.append(samples_per_s(baseline, args.batches))
-        shard_sps, file_sps = float(np.median(shard_runs)), float(np.median(file_runs))
-        row = {"xmdist_samples_per_s": shard_sps, "per_file_pil_samples_per_s": file_sps,
-               "speedup": shard_sps / file_sps, "xmdist_per_worker": shard_sps / args.workers,
-               "per_file_per_worker": file_sps / args.workers,
-               "xmdist_runs": shard_runs, "per_file_runs": file_runs}
+            if args.per_file:
+                file_runs.append(samples_per_s(baseline, args.batches))
+            if i2d is not None:
+                i2d_runs.append(samples_per_s(make_loader(i2d_stream, workers, False), args.batches))
+        shard_sps = float(np.median(shard_runs))
+        row = {"xmdist_samples_per_s": shard_sps, "xmdist_per_worker": shard_sps / args.workers,
+               "xmdist_runs": shard_runs}
+        if file_runs:
+            file_sps = float(np.median(file_runs))
+            row.update(per_file_pil_samples_per_s=file_sps, speedup=shard_sps / file_sps,
+                       per_file_per_worker=file_sps / args.workers, per_file_runs=file_runs)
+        if i2d_runs:
+            i2d_sps = float(np.median(i2d_runs))
+            row.update(img2dataset_brace_samples_per_s=i2d_sps, img2dataset_vs_xmdist=i2d_sps / shard_sps,
+                       img2dataset_runs=i2d_runs,
+                       img2dataset_vs_xmdist_each=[a / b for a, b in zip(i2d_runs, shard_runs)])
         if torch.cuda.is_available():
             gpu = SampleDecoder(vocab, size, size, (0.08, 1.0), True, 40, gpu_decode=True)
             stream = TrainStream(plan, gpu, args.batch_size, 1000, "random", 1)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from xmdist.cli import HelpFormatter, run_launcher
 from xmdist.config import ConfigError
-from xmdist.data.info import ShardError, ShardSet
+from xmdist.data.info import ShardError
+from xmdist.data.webset import describe, open_shards
 from xmdist.data.splits import read_split_captions
 from xmdist.dist import DistEnv, init_distributed, on_main
 from xmdist.eval.encode import encode_split
@@ -61,7 +62,7 @@ def write_indexes(args, loaded, shards, split, img, cap, encoded_ids, seconds: f
     captions = [by_id[i] for i in ids]
     kind = "codes" if args.codes else "embedding"
     source = {"run": str(Path(args.run).resolve()), "checkpoint": loaded.checkpoint, "step": loaded.step,
-              "method": loaded.config.method, "shards": str(shards.root.resolve()), "split": split.name}
+              "method": loaded.config.method, "shards": describe(shards), "split": split.name}
     save_index(args.out, ids, img.numpy(), captions, kind, {"items": "images", "source": source})
     log.info("%d images (%s, %d-d, %s) of %s/%s in %.1fs -> %s", len(ids), kind, img.shape[1],
              loaded.checkpoint, shards.root, split.name, seconds, args.out)
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
             raise RunError(f"{args.run} is a {loaded.config.method} run, whose method encodes no queries: "
                            f"score it with launch/eval.py; encode.py serves caption models")
         cfg = loaded.config
-        shards = ShardSet.open(args.shards or cfg.data.shards)
+        shards = open_shards(cfg.data, args.shards)
         split = shards.split(args.split)
         for target in filter(None, (args.out, args.captions)):
             check_target(target)

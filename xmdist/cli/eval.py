@@ -27,7 +27,8 @@ from pathlib import Path
 
 from xmdist.cli import HelpFormatter, run_launcher
 from xmdist.config import ConfigError
-from xmdist.data.info import ShardError, ShardSet
+from xmdist.data.info import ShardError
+from xmdist.data.webset import describe, open_shards
 from xmdist.dist import DistEnv, init_distributed
 from xmdist.eval import EvalRequest, get_protocol, known_protocols
 from xmdist.tools.runs import RunError, load_run
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         if args.mode != method.protocol:
             raise RunError(f"--mode {args.mode}: {args.run} is a {cfg.method} run, evaluated with "
                            f"--mode {method.protocol}")
-        shards = ShardSet.open(args.shards or cfg.data.shards)
+        shards = open_shards(cfg.data, args.shards)
         split = shards.split(args.split or cfg.data.test_split)
         args.folds = cfg.eval.folds if args.folds is None else args.folds
         if args.folds < 1 or args.examples < 1:
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         if env.is_main:
             result = {"run": str(Path(args.run).resolve()), "split": split.name,
                       "checkpoint": loaded.checkpoint, "step": loaded.step, "folds": args.folds, "mode": args.mode,
-                      "shards": str(shards.root.resolve()), **metrics}
+                      "shards": describe(shards), **metrics}
             if tb:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -6,6 +6,11 @@
     python launch/make_shards.py dcmh --images mirflickr25k-iall.mat --tags mirflickr25k-yall.mat \
         --labels mirflickr25k-lall.mat --protocol dcmh --out shards/mirflickr
     python launch/make_shards.py folder --images DIR --captions captions.jsonl --out shards/mine
+    python launch/make_shards.py index --shards '/data/cc3m/{00000..00331}.tar' --workers 8
+
+``index`` writes no shards: it counts the samples of a WebDataset shard set written by another
+tool (img2dataset, open_clip) once and writes an ``_info.json`` beside the shards (or into
+``--out``), so that training on them has exact epochs.
 
 One function per subcommand (``cmd_<name>``) plus its ``add_<name>_args``. The converters of
 real data sets (``xmdist.data.converters``) read and split their source; problems with it
@@ -140,6 +145,32 @@ def cmd_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
                                   args.skip_missing, sep, args.image_col, args.caption_col))
 
 
+def cmd_index(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Count the samples of other shards (patterns, URLs) and write an _info.json index."""
+    from xmdist.tools.shard_index import ShardIndexError, write_index
+
+    try:
+        write_index(args.shards, args.out, args.workers, args.image_key, args.caption_key, args.captions_per_image)
+    except ShardIndexError as e:
+        parser.error(str(e))
+
+
+def add_index_parser(commands) -> None:
+    p = commands.add_parser("index", help="count the samples of img2dataset / open_clip shards (no copy)",
+                            description=cmd_index.__doc__)
+    p.add_argument("--shards", required=True, action="append",
+                   help="a brace pattern, glob, .tar, directory of .tar files or pipe:/http(s) URL (repeatable)")
+    p.add_argument("--out", default=None,
+                   help="directory for _info.json (default: the shards' directory; required for URLs); then "
+                        "train with data.shards=DIR")
+    p.add_argument("--workers", type=_positive_int, default=1, help="shards read in parallel (default 1)")
+    p.add_argument("--image-key", default="", help="image member (default: the first of jpg, jpeg, png, webp)")
+    p.add_argument("--caption-key", default="", help="caption member or json:FIELD (default: txt, json caption, "
+                                                     "json captions)")
+    p.add_argument("--captions-per-image", type=_positive_int, default=1, help="default 1")
+    p.set_defaults(run=cmd_index, parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="SOURCE")
@@ -157,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write into --out even if it holds other files (they are kept)")
         add_args(p)
         p.set_defaults(run=run, parser=p)
+    add_index_parser(commands)
     return parser
 
 

@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from xmdist.data.vocab import Vocab, pad_captions
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGE_KEYS = ("jpg", "jpeg", "png")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # What a damaged sample raises: bad bytes, bad JSON, a missing member or field, an image past
 # PIL's own decompression-bomb limit.
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError,
@@ -138,8 +138,8 @@ def decode_pixels(sample: dict, min_size: int = 0, max_pixels: int = DEFAULT_MAX
         if key not in sample:
             continue
         data = sample[key]
-        if key == "png":
-            return decode_with_pil(data, "PNG", max_pixels=max_pixels)
+        if key in ("png", "webp"):  # webp: shards written by img2dataset --output_format webp
+            return decode_with_pil(data, key.upper(), max_pixels=max_pixels)
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:  # damaged data, which PIL names

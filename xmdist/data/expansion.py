@@ -222,7 +222,7 @@ def build_expansion(split: Split, tag_vocab: Sequence[str], *, walk_length: int,
 
     def rows() -> Iterator[np.ndarray]:
         nonlocal skipped
-        for sample in iter_raw_samples(list(split.paths)):
+        for sample in iter_raw_samples(list(split.paths), fields=split.fields):
             try:
                 item_id, tags = int(decode_meta(sample)["id"]), decode_npy(sample["tags.npy"]).reshape(-1)
                 if tags.shape[0] != num_words:

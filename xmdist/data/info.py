@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HEAD_BYTES = 1 << 16  # bytes of each shard hashed by the fingerprint
 
@@ -17,8 +18,11 @@ class ShardError(RuntimeError):
 @dataclass(frozen=True)
 class Split:
     name: str
-    paths: tuple[str, ...]  # shard files, in _info.json order
-    counts: tuple[int, ...]  # samples per shard
+    paths: tuple[str, ...]  # shard files (or URLs, see xmdist.data.sources), in _info.json order
+    counts: tuple[int, ...]  # samples per shard (estimates when not ``exact``)
+    fields: Any = None  # xmdist.data.fields.SampleFields of a foreign set; None: xmdist's own samples
+    weights: tuple[float, ...] = ()  # resampled mode: draw weight of each shard (empty: uniform)
+    exact: bool = True  # counts known per shard (else only their total: resampled mode)
 
     @property
     def num_samples(self) -> int:
@@ -76,9 +80,13 @@ def fingerprint(split: Split, seed=None) -> dict:
     travels in a checkpoint loaded with ``weights_only``."""
     shards = []
     for path, count in zip(split.paths, split.counts):
+        if not os.path.isfile(path):  # a URL: its name and count (reading it would cost a download)
+            shards.append([path, None, count, None])
+            continue
         with open(path, "rb") as f:
             head = hashlib.sha1(f.read(HEAD_BYTES)).hexdigest()
-        shards.append([os.path.basename(path), os.path.getsize(path), count, head])
+        name = os.path.basename(path) if split.fields is None else path  # sources may share names
+        shards.append([name, os.path.getsize(path), count, head])
     return {"split": split.name, "seed": seed, "shards": shards}
 
 

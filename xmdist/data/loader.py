@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import tarfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -31,12 +33,15 @@ from webdataset import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from xmdist.data.decode import DECODE_ERRORS, SampleDecoder, checked_captions, decode_meta, npy_holds_objects
+from xmdist.data.fields import SampleFields, Unusable
 from xmdist.data.info import ShardError, Split
+from xmdist.data import tarstream
+from xmdist.data.sources import is_local, open_shard
 from xmdist.data.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-READABLE = {"jpg", "jpeg", "png", "json", "txt"}  # plus any "*.npy" (loaded without pickle)
+READABLE = {"jpg", "jpeg", "png", "webp", "json", "txt"}  # plus any "*.npy" (loaded without pickle)
 MAX_FAILURES_IN_A_ROW = 256  # then the data is not damaged but unusable: stop with a message
 
 
@@ -49,12 +54,103 @@ def pickled_npy_members(sample: dict) -> list[str]:
     return [k for k in sample if k.endswith("npy") and not k.startswith("__") and npy_holds_objects(sample[k])]
 
 
-def iter_raw_samples(paths: list[str], on_skip: Callable[[str], None] | None = None) -> Iterator[dict]:
+def _members(stream, url: str, handler) -> Iterator[dict]:
+    members = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+    return group_by_keys(members, handler=handler)
+
+
+class _Prepended:
+    """A stream with its first bytes, already read, put back in front."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
+
+
+def _lean_members(stream, url: str, handler) -> Iterator[dict]:
+    """Samples of a shard of another tool: plain tars through the lean reader (xmdist.data.tarstream),
+    anything else (a compressed tar) through tarfile."""
+    head = stream.read(tarstream.BLOCK)
+    if not tarstream.is_plain_tar(head):
+        return _members(_Prepended(head, stream), url, handler)
+    files = ({"fname": name, "data": data, "__url__": url} for name, data in tarstream.iter_members(stream, head)
+             if not name.rsplit("/", 1)[-1].startswith("__"))  # webdataset's own metadata members
+    return group_by_keys(files, handler=handler)
+
+
+def _checked(sample: dict, path: str, on_skip) -> bool:
+    """False (logged, counted) for a sample of an xmdist set with members xmdist never reads."""
+    bad, pickled = refused_members(sample), pickled_npy_members(sample)
+    if not (bad or pickled):
+        return True
+    why = (f"member(s) {', '.join(bad)} are not formats xmdist reads" if bad else
+           f"member(s) {', '.join(pickled)} hold pickled Python objects (object arrays)")
+    log.warning("refusing sample %s of %s: %s (nothing is ever unpickled)", sample["__key__"], path, why)
+    if on_skip:
+        on_skip("refused")
+    return False
+
+
+def _foreign_samples(path: str, fields: SampleFields, on_skip) -> Iterator[dict]:
+    """The adapted samples of one shard of a foreign set (see xmdist.data.fields): a shard that
+    yields nothing and fails (a remote one that does not open, a command that exits non-zero) is
+    tried ``fields.open_retries`` more times, then skipped and counted like damaged tar data."""
+    retries = 0 if is_local(path) else fields.open_retries
+    for attempt in range(retries + 1):
+        errors, produced = [], 0
+
+        def handler(exn: Exception) -> bool:
+            if produced:  # damage after some samples: counted now, as for a truncated tar
+                log.warning("skipping unreadable data of %s: %s", path, exn)
+                if on_skip:
+                    on_skip("shard_error")
+            else:
+                errors.append(exn)
+            return True
+
+        try:
+            with open_shard(path, fields.timeout_s) as stream:
+                for sample in _lean_members(stream, path, handler):
+                    produced += 1
+                    try:
+                        yield fields.adapt(sample)
+                    except Unusable as e:
+                        if on_skip:
+                            on_skip(e.reason)
+        except DECODE_ERRORS + (tarfile.TarError,) as e:  # the pipe's exit status, a lost connection
+            handler(e)
+        if produced or not errors:
+            return
+        if attempt < retries:
+            log.warning("shard %s failed to open (%s): try %d of %d", path, errors[-1], attempt + 2, retries + 1)
+            time.sleep(min(2.0 ** attempt, 30.0))
+    log.warning("skipping shard %s: %s", path, errors[-1])
+    if on_skip:
+        on_skip("shard_error")
+
+
+def iter_raw_samples(paths: list[str], on_skip: Callable[[str], None] | None = None,
+                     fields: SampleFields | None = None) -> Iterator[dict]:
     """Raw samples (``{"__key__": ..., "jpg": bytes, ...}``) of the shards in order.
 
     Damaged tar data is skipped (a truncated shard yields what precedes the damage) and samples
-    with members xmdist never reads are refused; each calls ``on_skip(reason)``.
+    with members xmdist never reads are refused; each calls ``on_skip(reason)``. With ``fields``
+    (a set written by another tool) the shards may be URLs and samples are adapted to xmdist's
+    form (:meth:`SampleFields.adapt`); unusable ones are skipped and counted.
     """
+    if fields is not None:
+        for path in paths:
+            yield from _foreign_samples(path, fields, on_skip)
+        return
+
     def handler(exn: Exception) -> bool:
         log.warning("skipping unreadable shard data: %s", exn)
         if on_skip:
@@ -63,18 +159,9 @@ def iter_raw_samples(paths: list[str], on_skip: Callable[[str], None] | None = N
 
     for path in paths:
         with open(path, "rb", buffering=1 << 20) as stream:  # tarfile reads 10 KB at a time
-            members = tar_file_expander([{"url": path, "stream": stream}], handler=handler)
-            for sample in group_by_keys(members, handler=handler):
-                bad, pickled = refused_members(sample), pickled_npy_members(sample)
-                if bad or pickled:
-                    why = (f"member(s) {', '.join(bad)} are not formats xmdist reads" if bad else
-                           f"member(s) {', '.join(pickled)} hold pickled Python objects (object arrays)")
-                    log.warning("refusing sample %s of %s: %s (nothing is ever unpickled)", sample["__key__"],
-                                path, why)
-                    if on_skip:
-                        on_skip("refused")
-                    continue
-                yield sample
+            for sample in _members(stream, path, handler):
+                if _checked(sample, path, on_skip):
+                    yield sample
 
 
 def _rng(*parts) -> random.Random:
@@ -114,8 +201,9 @@ class StreamPlan:
         """Successive passes over the shards logical ``worker`` reads in ``epoch``."""
         if self.resampled:  # with replacement from the whole split, one shard at a time
             rng = _rng(self.seed, "resample", epoch, self.rank, worker)
-            while True:
-                yield [rng.choice(self.split.paths)]
+            paths, weights = self.split.paths, self.split.weights
+            while True:  # weighted: each source's share of the draws (xmdist.data.sources)
+                yield rng.choices(paths, weights) if weights else [rng.choice(paths)]
         shards = list(self.split.paths)
         _rng(self.seed, "shards", epoch).shuffle(shards)  # identical on every rank
         mine = shards[self.rank::self.world][worker::nworkers]
@@ -141,7 +229,7 @@ class TrainStream(IterableDataset):
     def _pairs(self, epoch: int, worker: int, nworkers: int) -> Iterator[tuple[dict, int]]:
         for order in self.plan.worker_shards(epoch, worker, nworkers):
             produced = 0
-            for sample in iter_raw_samples(order, self._count_skip):
+            for sample in iter_raw_samples(order, self._count_skip, self.plan.split.fields):
                 produced += 1
                 if self.caption_mode == "all":
                     yield from ((sample, c) for c in range(self.ncap))
@@ -194,20 +282,39 @@ class TrainStream(IterableDataset):
             epoch, first = epoch + 1, 0
 
 
-def build_vocab(split: Split, min_count: int) -> Vocab:
-    """Vocabulary of the split's captions (damaged samples skipped); an error if it has none."""
-    read = 0
+def build_vocab(split: Split, min_count: int, max_captions: int = 0, seed: int = 0,
+                record: dict | None = None) -> Vocab:
+    """Vocabulary of the split's captions (damaged samples skipped); an error if it has none.
+
+    ``max_captions`` > 0 bounds the pass (a web-scale set is never scanned whole): shards are
+    read in a seeded random order until that many captions were counted. ``record`` receives
+    what was read (shards in order, samples, captions, whether the split was read to its end)."""
+    read, counted, order = 0, 0, list(split.paths)
+    if max_captions:
+        _rng(seed, "vocab").shuffle(order)
+    used: list[str] = []
 
     def captions() -> Iterator[str]:
-        nonlocal read
-        for sample in iter_raw_samples(list(split.paths)):
-            read += 1
-            try:
-                yield from checked_captions(decode_meta(sample), sample)
-            except DECODE_ERRORS as e:
-                log.warning("vocabulary: skipping sample %s: %s", sample.get("__key__"), e)
+        nonlocal read, counted
+        for path in order:
+            used.append(path)
+            for sample in iter_raw_samples([path], fields=split.fields):
+                read += 1
+                try:
+                    caps = checked_captions(decode_meta(sample), sample)
+                except DECODE_ERRORS as e:
+                    log.warning("vocabulary: skipping sample %s: %s", sample.get("__key__"), e)
+                    continue
+                counted += len(caps)
+                yield from caps
+                if max_captions and counted >= max_captions:
+                    return
 
     vocab = Vocab.build(captions(), min_count)
+    if record is not None:
+        record.update(split=split.name, samples=read, captions=counted, max_captions=max_captions, seed=seed,
+                      complete=len(used) == len(order) and not (max_captions and counted >= max_captions),
+                      shards=used)
     if read == 0:
         raise ShardError(f"split '{split.name}' has no readable sample in its {len(split.paths)} shard(s) (see the "
                          f"warnings above): the files are empty or damaged; rewrite them with launch/make_shards.py")
@@ -264,7 +371,7 @@ class EvalStream(IterableDataset):
             if start >= self.max_images:
                 break
             if not by_shard or i % self.world == self.rank:
-                for j, sample in enumerate(iter_raw_samples([path])):  # refused samples are dropped
+                for j, sample in enumerate(iter_raw_samples([path], fields=self.split.fields)):  # refused samples are dropped
                     index = start + j
                     if index < self.max_images and (by_shard or index % self.world == self.rank):
                         yield sample

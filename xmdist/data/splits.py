@@ -23,7 +23,7 @@ def read_split_meta(split: Split) -> tuple[list[int], list[list[str]]]:
     """Sample ids and captions of a split, ordered by id (the order of the evaluation encoding);
     damaged samples are left out, as the evaluation leaves them out."""
     rows = []
-    for sample in iter_raw_samples(list(split.paths)):
+    for sample in iter_raw_samples(list(split.paths), fields=split.fields):
         meta = _meta(sample)
         if meta is not None:
             rows.append((meta["id"], meta["captions"]))
@@ -39,7 +39,7 @@ def read_split_captions(split: Split) -> dict[int, list[str]]:
 def read_split_images(split: Split, ids: Iterable[int], decoder) -> dict[int, torch.Tensor]:
     """The evaluation view (``decoder.eval_view``: uint8, resized, centre crop) of samples ``ids``."""
     want, out = set(ids), {}
-    for sample in iter_raw_samples(list(split.paths)):
+    for sample in iter_raw_samples(list(split.paths), fields=split.fields):
         meta = _meta(sample)
         sid = meta["id"] if meta else None
         if sid in want:

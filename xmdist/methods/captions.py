@@ -15,6 +15,7 @@ from xmdist.data.info import ShardError, ShardSet
 from xmdist.data.loader import build_vocab
 from xmdist.data.vocab import Vocab, pad_captions, tokenize
 from xmdist.dist import gather, on_main
+from xmdist.io import write_json_atomic
 from xmdist.losses.contrastive import vse_loss
 from xmdist.methods.base import Method
 
@@ -38,10 +39,13 @@ def caption_vocab(cfg, shards: ShardSet, run_dir: Path, env, train: bool) -> Voc
             log.info("vocabulary: %s -> %s", cfg.data.vocab, path)
             return
         split = shards.split(cfg.data.train_split)
-        vocab = build_vocab(split, cfg.data.min_word_count)
+        record: dict = {}
+        vocab = build_vocab(split, cfg.data.min_word_count, cfg.data.vocab_samples, cfg.train.seed, record)
         vocab.save(path)
-        log.info("vocabulary: %d words seen >= %d times in '%s' -> %s", len(vocab), cfg.data.min_word_count,
-                 split.name, path)
+        write_json_atomic(path.with_name("vocab_sample.json"), record)  # which captions the words came from
+        log.info("vocabulary: %d words seen >= %d times in %d captions of '%s'%s -> %s", len(vocab),
+                 cfg.data.min_word_count, record["captions"], split.name,
+                 "" if record["complete"] else f" (a sample: data.vocab_samples={cfg.data.vocab_samples})", path)
 
     on_main(build, env)
     return Vocab.load(path)

@@ -33,7 +33,7 @@ def discriminator_optim(lr: float = 2e-4) -> OptimConfig:
 
 def first_sample(split: Split) -> dict:
     """The first readable raw sample of ``split`` (members as bytes): what the set holds."""
-    for sample in iter_raw_samples(list(split.paths)):
+    for sample in iter_raw_samples(list(split.paths), fields=split.fields):
         return sample
     raise ShardError(f"split '{split.name}' has no readable sample")
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from xmdist.config import Config
 from xmdist.data.info import ShardSet
+from xmdist.data.webset import open_shards
 from xmdist.dist import DistEnv
 from xmdist.methods import Method, get_method, load_config
 from xmdist.train.backends import DTYPES
@@ -60,12 +61,12 @@ class _LazyShards:
     """The shard set a run reads, opened on first use: methods that need nothing from it for
     inference (caption methods) then run without it."""
 
-    def __init__(self, path: str | Path):
-        self.path = path
+    def __init__(self, data, path: str | Path | None):
+        self.data, self.path = data, path
 
     @cached_property
     def _shards(self) -> ShardSet:
-        return ShardSet.open(self.path)
+        return open_shards(self.data, self.path)
 
     def __getattr__(self, name: str):
         return getattr(self._shards, name)
@@ -113,7 +114,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     if hasattr(build_cfg.model, "weights"):
         build_cfg.model.weights = None  # the checkpoint has the weights: never download pretrained ones
     impl = get_method(cfg.method)(build_cfg, DistEnv())
-    data = _LazyShards(shards or cfg.data.shards)
+    data = _LazyShards(cfg.data, shards)
     try:
         impl.prepare(data, run_dir, train=False)
     except FileNotFoundError as e:

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from xmdist.config import Config, ConfigError, save_config
-from xmdist.data.info import ShardSet, fingerprint, fingerprint_changes
+from xmdist.data.info import fingerprint, fingerprint_changes
+from xmdist.data.webset import WebShardSet, open_shards
 from xmdist.data.loader import StreamPlan, TrainStream, make_loader, steps_per_epoch, worker_count
 from xmdist.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, on_main
 from xmdist.eval import EvalRequest, get_protocol
@@ -146,16 +147,17 @@ class Trainer:
         if resume != "none":
             check_resume_config(cfg, self.run_dir)  # on every rank: all of them stop alike
         # every check that reads no more than the shard list runs before anything is written
-        self.shards = ShardSet.open(cfg.data.shards)
+        self.shards = open_shards(cfg.data)  # an xmdist set, or other WebDataset shards (data/sources.py)
         self.train_split = self.shards.split(cfg.data.train_split)
         # read by rank 0 only (one small read per shard), the same dict on every rank
         self.shard_print = on_main(lambda: fingerprint(self.train_split, self.shards.info.get("seed")), env)
-        self.val_split = self.shards.split(cfg.data.val_split)
-        test = self.shards.split(cfg.data.test_split)
-        val_images = min(self.val_split.num_samples, cfg.eval.max_val_images or self.val_split.num_samples)
-        for key, folds, split, n in (("eval.folds", cfg.eval.folds, test, test.num_samples),
+        self.val_split, test = (self._eval_split(cfg.data.val_split, "validation"),
+                                self._eval_split(cfg.data.test_split, "the final test"))
+        val_images = self.val_split and min(self.val_split.num_samples,
+                                            cfg.eval.max_val_images or self.val_split.num_samples)
+        for key, folds, split, n in (("eval.folds", cfg.eval.folds, test, test and test.num_samples),
                                      ("eval.val_folds", cfg.eval.val_folds, self.val_split, val_images)):
-            if folds > n:
+            if split is not None and folds > n:
                 raise ConfigError(f"{key}: {folds} folds, but split '{split.name}' gives {n} images to evaluate "
                                   f"(fewer than one per fold)")
         self.init_source = None  # --init-from: the checkpoint whose weights start the run
@@ -176,7 +178,12 @@ class Trainer:
             raise ConfigError("data.gpu_decode: needs a CUDA device")
         self.steps_per_epoch = d.epoch_steps or steps_per_epoch(self.train_split, self.ncap, self.caption_mode,
                                                                 d.batch_size * env.world_size)
-        self.num_workers = worker_count(self.train_split, env.world_size, d.num_workers, d.resampled)
+        # per-shard counts unknown (data.train_num_samples) or weighted sources: shards drawn with replacement
+        self.resampled = d.resampled or not self.train_split.exact or bool(self.train_split.weights)
+        if self.resampled and not d.resampled:
+            log.info("resampled mode (data.resampled): the training shards are %s",
+                     "weighted sources" if self.train_split.weights else "counted only in total")
+        self.num_workers = worker_count(self.train_split, env.world_size, d.num_workers, self.resampled)
         # rank 0 locks the run directory for the job before anything is written (a second job on
         # the same --out stops here on every rank)
         self.lock = RunLock(self.run_dir)
@@ -214,6 +221,16 @@ class Trainer:
         log.info("%s (%s parameters): %d step(s)/epoch (global batch %d on %d rank(s)), backend %s, %s",
                  cfg.method, sizes, self.steps_per_epoch, d.batch_size * env.world_size,
                  env.world_size, cfg.train.backend, cfg.train.precision)
+
+    def _eval_split(self, name: str, what: str):
+        """Split ``name``, or None (with one line saying ``what`` is skipped) for shards given
+        without it (no data.val_shards / data.test_shards)."""
+        if not isinstance(self.shards, WebShardSet) or self.shards.has_split(name):
+            return self.shards.split(name)
+        if what:
+            log.info("%s skipped: no shards for split '%s' (%s)", what, name,
+                     "data.val_shards" if name == self.cfg.data.val_split else "data.test_shards")
+        return None
 
     # ------------------------------------------------------------------ state
     def save(self, best: bool = False) -> None:
@@ -328,7 +345,7 @@ class Trainer:
         """One loader for the rest of the run, starting at the current step."""
         d, env = self.cfg.data, self.env
         plan = StreamPlan(self.train_split, env.rank, env.world_size, self.steps_per_epoch,
-                          self.step, self.cfg.train.seed, d.resampled)
+                          self.step, self.cfg.train.seed, self.resampled)
         stream = TrainStream(plan, self.decoder, d.batch_size, d.shuffle_buffer, self.caption_mode, self.ncap)
         return make_loader(stream, self.num_workers, d.pin_memory and env.device.type == "cuda")
 
@@ -362,7 +379,7 @@ class Trainer:
                     self.method.log_media(self.nets, *self.last, self.logger, self.step)
                 epoch_end = self.step % self.steps_per_epoch == 0
                 due = (t.eval_every and self.step % t.eval_every == 0) or (not t.eval_every and epoch_end)
-                if due and self.cfg.eval.validation:
+                if due and self.cfg.eval.validation and self.val_split is not None:
                     self.validate()
                 elif due or self.step % t.ckpt_every == 0:
                     self.save()
@@ -426,7 +443,9 @@ class Trainer:
         if best:
             _, shared, _ = self.ckpt.load(best)
             self.model.module.load_state_dict(model_state(shared))
-        test = self.shards.split(self.cfg.data.test_split)
+        test = self._eval_split(self.cfg.data.test_split, "")
+        if test is None:
+            return {"split": None, "step": self.step, "method": self.cfg.method}
         metrics = self._evaluate(test, self.cfg.eval.folds, prefix="test/", final=True)
         self.logger.scalars(scalars(metrics), self.step, "test/")
         self.logger.hparams(run_hparams(self.cfg.to_dict()), {f"hparam/test_{k}": v for k, v in scalars(metrics).items()})
