@@ -101,3 +101,28 @@ def test_progress_bar_logs_lines_without_a_terminal(capsys):
     assert list(progress.bar(range(3), 3, "writing", "sample", every_s=0)) == [0, 1, 2]
     err = capsys.readouterr().err
     assert "writing: 2/3 sample (" in err and "writing: 3 sample in " in err and "\r" not in err
+
+
+def test_recorded_seeds_count_as_finished_runs(tmp_path):
+    """A table continued without its run directories: seeds its RESULTS.json entry holds for the same
+    setting are read from it, the others (and rows of another setting) are trained."""
+    rows = table_rows(["sgrn"], [16, 64], "none", [])
+    path = tmp_path / "RESULTS.json"
+    first = tmp_path / "first"
+    run_rows(rows, [0, 1], first, 2, train=_fake_train([]),
+             on_result=lambda row, res: update_results_json(path, [result_entry(row, res, 2, sha="abc")]),
+             log=lambda _: None)
+    recorded = json.loads(path.read_text())
+    calls, lines = [], []
+    again = run_rows(rows, [0, 1, 2], tmp_path / "elsewhere", 2, train=_fake_train(calls), log=lines.append,
+                     recorded=recorded)
+    assert [(c[1].parent.name, c[1].name) for c in calls] == [("sgrn16", "seed2"), ("sgrn64", "seed2")]
+    assert "(recorded;" in lines[0] and "(train;" in lines[-1]
+    assert [r["seed"] for r in again["sgrn16"]] == [0, 1, 2]
+    assert again["sgrn16"][1]["map_i2t"] == 0.61 and again["sgrn16"][1]["commit"] == "abc"
+    table = hashing_table(rows, again)
+    assert "0.6100 ± 0.0100" in table
+    # another process count is another setting: nothing is reused
+    calls.clear()
+    run_rows(rows[:1], [0], tmp_path / "four", 4, train=_fake_train(calls), log=lambda _: None, recorded=recorded)
+    assert len(calls) == 1

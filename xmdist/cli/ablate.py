@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from xmdist.cli import HelpFormatter
-from xmdist.tools.tables import ROOT, ROWS, Row, mfsr_table, result_entry, run_rows, update_results_json
+from xmdist.tools.tables import (REUSE_HELP, ROOT, ROWS, Row, load_recorded, mfsr_table, result_entry, run_rows,
+                                 update_results_json)
 
 ALL_ROWS = {"vsepp": "VSE++ (the demo)", **ROWS}
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--results", default=str(ROOT / "RESULTS.json"), help="RESULTS.json to update, or 'none'")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--reuse-recorded", action="store_true", help=REUSE_HELP)
     args = p.parse_args(argv)
     names = args.rows.split(",")
     unknown = [r for r in names if r not in ALL_ROWS]
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     def record(row, res):  # after every run: a table cut short keeps what it measured
         if args.results != "none":
             update_results_json(Path(args.results), [result_entry(row, res, args.nproc)])
-    results = run_rows(rows, args.seeds, out, args.nproc, on_result=record)
+    results = run_rows(rows, args.seeds, out, args.nproc, on_result=record,
+                       recorded=load_recorded(args.results, args.reuse_recorded))
     md = mfsr_table(rows, results)
     (out / "ablation.md").write_text(md)
     print(md)

@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 from xmdist.cli import HelpFormatter
-from xmdist.tools.tables import (ABLATION_NAMES, CMFAH_ABLATIONS, ROOT, Row, entries_table, hashing_table,
-                                 result_entry, run_rows, update_results_json)
+from xmdist.tools.tables import (REUSE_HELP, ABLATION_NAMES, CMFAH_ABLATIONS, ROOT, Row, entries_table, hashing_table,
+                                 load_recorded, result_entry, run_rows, update_results_json)
 
 ABLATIONS = {"sgrn": ("sgrn_ablation", ABLATION_NAMES, "nogate,now,rho0,eta0,v1"),
              "cmfah": ("cmfah_ablation", CMFAH_ABLATIONS, "ca,ia,ta")}
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "RESULTS.json"), help="RESULTS.json to update, or 'none'")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every row's train.py")
+    p.add_argument("--reuse-recorded", action="store_true", help=REUSE_HELP)
     p.add_argument("--report", action="store_true",
                    help="train nothing: print the hashing tables of --results (mean ± std per row)")
     a = p.parse_args(argv)
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
     def record(row, res):  # after every run: a table cut short keeps what it measured
         if a.results != "none":
             update_results_json(Path(a.results), [result_entry(row, res, a.nproc)])
-    results = run_rows(rows, a.seeds, out, a.nproc, on_result=record)
+    results = run_rows(rows, a.seeds, out, a.nproc, on_result=record,
+                       recorded=load_recorded(a.results, a.reuse_recorded))
     text = hashing_table(rows, results)
     (out / "hashing.md").write_text(text)
     print(text)

@@ -68,19 +68,60 @@ def run_dir(out: Path, row: Row, seed: int) -> Path:
     return out / row.key / f"seed{seed}"
 
 
+def recorded_result(entries: Sequence[dict], row: Row, seed: int, nproc: int) -> dict | None:
+    """The result of ``(row, seed)`` as a RESULTS.json entry of the same row and setting (config,
+    overrides, processes) holds it, in the form of a run's eval.json, or None."""
+    for e in entries:
+        if ((e["table"], e["method"], e["row"], e["bits"]) != (row.table, row.method, row.row, row.bits)
+                or e["config"] != f"configs/{row.config}.yaml" or e["overrides"] != list(row.overrides)
+                or e["budget"]["processes"] != nproc or seed not in e["seeds"]):
+            continue
+        i = e["seeds"].index(seed)
+        r = {k: v[i] for k, v in e["metrics"].items() if isinstance(v, list)}
+        r.update({k: v for k, v in e["metrics"].items() if not isinstance(v, list)})
+        commits = e.get("seed_commits", [e["commit"]] * len(e["seeds"]))
+        return {**r, "step": e["budget"]["steps"], "bits": e["bits"], "recorded_wall_s": e["budget"]["wall_s_per_run"],
+                "recorded_commit": commits[i]}
+    return None
+
+
+REUSE_HELP = ("count the runs --results records (same row, config, overrides and processes) as finished: a "
+              "table continues on another machine, or after its run directories are gone")
+
+
+def load_recorded(results: str, reuse: bool) -> list[dict]:
+    """The entries of ``results`` (a RESULTS.json path, or 'none') when ``reuse``, else none."""
+    path = Path(results)
+    if not reuse or results == "none" or not path.exists():
+        return []
+    return json.loads(path.read_text())
+
+
 def run_rows(rows: Sequence[Row], seeds: Sequence[int], out: Path, nproc: int,
              train: Callable[[Path, Path, Sequence[str], int], None] = torchrun,
              log: Callable[[str], None] = print,
-             on_result: Callable[[Row, list[dict]], None] | None = None) -> dict[str, list[dict]]:
+             on_result: Callable[[Row, list[dict]], None] | None = None,
+             recorded: Sequence[dict] = ()) -> dict[str, list[dict]]:
     """Every (row, seed), seed by seed (every row of the first seed, then of the next: a table cut
     short still has each row), with a progress line each; finished runs are read. ``on_result(row,
     its results so far)`` after each run (RESULTS.json is kept up to date while a table runs).
+    ``recorded``: RESULTS.json entries whose seeds count as finished runs (:func:`recorded_result`):
+    a table continues on another machine from what it recorded, without its run directories.
     Returns row key -> one eval.json (plus ``wall_s`` and ``seed``) per seed, in ``seeds`` order."""
     todo = [(r, s) for s in seeds for r in rows]
     results: dict[str, list[dict]] = {r.key: [] for r in rows}
     t_all = time.time()
     for i, (row, seed) in enumerate(todo, 1):
         d = run_dir(out, row, seed)
+        old = None if (d / "eval.json").exists() else recorded_result(recorded, row, seed, nproc)
+        if old is not None:
+            log(f"[{i}/{len(todo)}] {row.key} seed {seed}: {row.config} {' '.join(row.overrides)} (recorded; "
+                f"{(time.time() - t_all) / 60:.1f} min so far)")
+            wall, sha = old.pop("recorded_wall_s"), old.pop("recorded_commit")
+            results[row.key].append({**old, "wall_s": float(wall), "seed": seed, "commit": sha})
+            if on_result is not None:
+                on_result(row, results[row.key])
+            continue
         state = "done" if (d / "eval.json").exists() else "train"
         log(f"[{i}/{len(todo)}] {row.key} seed {seed}: {row.config} {' '.join(row.overrides)} ({state}; "
             f"{(time.time() - t_all) / 60:.1f} min so far)")
