@@ -237,3 +237,27 @@ def test_check_recall_on_an_index_alone(tmp_path, capsys):
     assert "--check-recall must be >= 1" in capsys.readouterr().err
     assert search_cli.main(["--index", str(tmp_path / "ivf"), "--text", "a cat"]) == 2  # a query needs the run
     assert "--run-dir is needed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_search_benchmark_runs_small(tmp_path):
+    """launch/bench.py search at toy sizes: every row there, flat equal to numpy, recalls in [0, 1]."""
+    from xmdist.cli import bench
+
+    out = tmp_path / "search.json"
+    assert bench.main(["search", "--codes", "2000", "--embeddings", "1000", "--dim", "16", "--clusters", "20",
+                       "--queries", "20", "--single", "5", "--numpy-queries", "5", "--asym-queries", "5",
+                       "--nprobe", "4", "128", "--ef-search", "16", "--hnsw-rows", "500", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for kind in ("codes", "embeddings"):
+        rows = result[kind]["results"]
+        names = [r["index"] for r in rows]
+        assert names[:3] == ["numpy (exact, before faiss)", "xmdist flat (faiss)", "faiss flat, called directly"]
+        flat = rows[1]
+        assert flat["max_score_diff_vs_numpy"] <= (0 if kind == "codes" else 1e-5)
+        ivf = [r for r in rows if r["index"] == "xmdist ivf"]
+        assert [r["params"]["nprobe"] for r in ivf] == [4]  # 128 > nlist: skipped
+        hnsw = [r for r in rows if r["index"] == "xmdist hnsw"]
+        assert len(hnsw) == 1 and hnsw[0]["rows"] == 500
+        assert all(0.0 <= r["recall"] <= 1.0 and r["ms_batched"] > 0 for r in rows)
+    assert "asymmetric (K - q.b)/2, numpy exact" in [r["index"] for r in result["codes"]["results"]]

@@ -45,8 +45,11 @@ Index types (``save_index(..., index_type=)``, ``launch/encode.py --index-type``
   binarised by ``>= 0`` as the stored codes): Hamming distance (lower is better);
 * codes, real query (``mode="asymmetric"``, the default for a non-±1 float query): the
   asymmetric distance ``(K - q . b) / 2`` with b in {-1, +1}^K (lower is better); for a ±1 query it
-  equals the Hamming distance. faiss has no kernel for it: it is always exact, by numpy (one
-  query: chunked matmul; a batch: one matmul per chunk of rows for all queries).
+  equals the Hamming distance. faiss has no kernel for it: it is always exact (one query: numpy,
+  chunked matmul; a batch: torch, one matmul per chunk of rows for all queries and a running top k).
+
+faiss searches a batch of fewer than 16 queries on one OpenMP thread (``few_queries_one_thread``):
+for one query the threads cost more than they save, many times more on a loaded machine.
 
 faiss is optional (``pip install -e ".[search]"``). Without it a flat index is searched by the
 exact numpy code below (a one-line note on stderr, once per process); building an ``ivf`` or
@@ -82,6 +85,7 @@ ADD_CHUNK = 100_000  # rows added to a faiss index per step (one progress tick)
 INSTALL = 'pip install -e ".[search]"'
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)  # bits set per byte value
 CHUNK_BYTES = 256 * 1024  # float32 working set per chunk: stays in L2
+SINGLE_THREAD_BELOW = 16  # faiss searches fewer queries than this on one thread
 BATCH_BYTES = 64 << 20  # (rows x queries) float32 distance block of a batched asymmetric search
 
 
@@ -428,31 +432,28 @@ def top_k(scores: np.ndarray, k: int, largest: bool) -> np.ndarray:
 
 def asymmetric_batch(codes: np.ndarray, queries: np.ndarray, bits: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Packed codes (N, B) vs real queries (Q, K) -> the k smallest ``(K - q . b) / 2`` per query:
-    rows (Q, k), distances (Q, k). One matmul per chunk of rows for all queries, a running top k;
-    ties at a chunk's k-th distance are kept arbitrarily (real-valued distances rarely tie)."""
-    q = np.ascontiguousarray(queries, dtype=np.float32).T  # (K, Q)
-    n, nq = len(codes), q.shape[1]
+    rows (Q, k), distances (Q, k). One matmul per chunk of rows for all queries and a running top k
+    (torch); ties at a chunk's k-th distance are kept arbitrarily (real-valued distances rarely tie)."""
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (Q, K)
+    n, nq = len(codes), q.shape[0]
     k = min(k, n)
-    best_d = np.zeros((nq, 0), dtype=np.float32)
-    best_r = np.zeros((nq, 0), dtype=np.int64)
+    best_d = torch.zeros((nq, 0))
+    best_r = torch.zeros((nq, 0), dtype=torch.int64)
     step = max(k, BATCH_BYTES // (4 * max(nq, bits)))
     for s in range(0, n, step):
         e = min(s + step, n)
-        b = np.unpackbits(codes[s:e], axis=1, count=bits).astype(np.float32)
-        b *= 2
-        b -= 1
-        d = (bits - b @ q) / 2  # (rows, Q)
-        kk = min(k, e - s)
-        part = np.argpartition(d, kk - 1, axis=0)[:kk] if kk < e - s else np.broadcast_to(
-            np.arange(e - s)[:, None], (e - s, nq))
-        cand_d = np.concatenate([best_d, np.take_along_axis(d, part, 0).T], axis=1)
-        cand_r = np.concatenate([best_r, part.T + s], axis=1)
-        if cand_d.shape[1] > k:
-            keep = np.argpartition(cand_d, k - 1, axis=1)[:, :k]
-            cand_d, cand_r = np.take_along_axis(cand_d, keep, 1), np.take_along_axis(cand_r, keep, 1)
-        best_d, best_r = cand_d, cand_r
-    order = np.lexsort((best_r, best_d), axis=-1)
-    return np.take_along_axis(best_r, order, 1), np.take_along_axis(best_d, order, 1)
+        b = torch.from_numpy(np.unpackbits(codes[s:e], axis=1, count=bits)).float().mul_(2).sub_(1)
+        d = (bits - q @ b.T) / 2  # (Q, rows)
+        vals, idx = torch.topk(d, min(k, e - s), dim=1, largest=False, sorted=False)
+        best_d, best_r = torch.cat([best_d, vals], 1), torch.cat([best_r, idx + s], 1)
+        if best_d.shape[1] > k:
+            best_d, keep = torch.topk(best_d, k, dim=1, largest=False, sorted=False)
+            best_r = torch.gather(best_r, 1, keep)
+    rows, dist = best_r.numpy(), best_d.numpy()
+    order = np.lexsort((rows, dist), axis=-1)
+    return np.take_along_axis(rows, order, 1), np.take_along_axis(dist, order, 1)
 
 
 def query_metric(index: Index, query, mode: str = "auto") -> str:
@@ -516,12 +517,34 @@ def _numpy_search(index: Index, metric: str, q: np.ndarray, k: int) -> tuple[np.
     return np.stack(rows), np.stack(scores)
 
 
+def few_queries_one_thread(nq: int):
+    """A context: faiss on one OpenMP thread for fewer than SINGLE_THREAD_BELOW queries. Threads
+    for one query cost more than they save, 7-20x more on a loaded machine (BENCHMARKS.md)."""
+    import contextlib
+
+    faiss = faiss_module()
+    threads = faiss.omp_get_max_threads() if faiss is not None else 1
+    if nq >= SINGLE_THREAD_BELOW or threads == 1:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def one():
+        faiss.omp_set_num_threads(1)
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    return one()
+
+
 def _faiss_search(fidx, index_type: str, params: dict, metric: str, q: np.ndarray,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
     if index_type == "hnsw" and k > fidx.hnsw.efSearch:  # HNSW returns at most efSearch rows
         fidx.hnsw.efSearch = k
     try:
-        scores, rows = fidx.search(q, k)
+        with few_queries_one_thread(len(q)):
+            scores, rows = fidx.search(q, k)
     finally:
         if index_type == "hnsw":
             fidx.hnsw.efSearch = int(params.get("ef_search", DEFAULT_EF_SEARCH))
