@@ -180,7 +180,7 @@ def test_auto_type_and_parameters():
     t, p = resolve_type("embedding", 1_000_000)
     assert t == "ivf" and p == {"nlist": 1024, "nprobe": 64}
     t, p = resolve_type("codes", 10_000_000)
-    assert t == "ivf" and p["nlist"] == 2048  # sqrt -> 4096, capped by 100,000 / 39 training rows per list
+    assert t == "ivf" and p == {"nlist": 2048, "nprobe": 256}  # sqrt -> 4096, capped by 100,000 / 39 rows per list
     assert resolve_type("codes", 10_000_000, train_sample=400_000)[1]["nlist"] == 4096
     assert resolve_type("codes", 999_999) == ("flat", {})
     assert resolve_type("codes", 50, "hnsw", m=8) == ("hnsw", {"m": 8, "ef_construction": 80, "ef_search": 128})
@@ -188,6 +188,8 @@ def test_auto_type_and_parameters():
         resolve_type("codes", 50, "lsh")
     with pytest.raises(IndexFormatError, match="--nlist 100 is more than the 50 rows"):
         resolve_type("codes", 50, "ivf", nlist=100)
+    with pytest.raises(IndexFormatError, match="--nlist 64 needs at least 64 training rows: raise --train-sample"):
+        resolve_type("codes", 5000, "ivf", nlist=64, train_sample=10)
 
 
 def test_without_faiss_numpy_fallback(tmp_path, monkeypatch, capsys):

@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--index-type", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
                    help="faiss index (auto: flat below 100,000 embeddings / 1,000,000 codes, else ivf)")
     p.add_argument("--nlist", type=int, default=0, help="ivf: lists (default: the power of two nearest sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=0, help="ivf: lists scanned per query, stored (default nlist/16)")
+    p.add_argument("--nprobe", type=int, default=0, help="ivf: lists scanned per query, stored (default nlist/16, codes nlist/8)")
     p.add_argument("--hnsw-m", type=int, default=0, help="hnsw: links per node (default 32)")
     p.add_argument("--ef-construction", type=int, default=0, help="hnsw: build breadth (default 80)")
     p.add_argument("--ef-search", type=int, default=0, help="hnsw: search breadth, stored (default 128)")

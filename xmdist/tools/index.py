@@ -26,7 +26,9 @@ Index types (``save_index(..., index_type=)``, ``launch/encode.py --index-type``
   trained on ``train_sample`` rows drawn at random (seed 0; all rows if fewer); a query scans the
   ``nprobe`` nearest lists. Default ``nlist`` = the power of two nearest sqrt(N), at most
   train_sample / 39 (faiss' minimum of training points per centroid); default ``nprobe`` =
-  ``nlist / 16`` (at least 1). Distances of the scanned rows are exact.
+  ``nlist / 16`` for embeddings, ``nlist / 8`` for codes (Hamming scans are cheap, and integer
+  distances need more lists for the same recall), at least 1: recall@10 >= 0.95 on the benchmark's
+  harder data (BENCHMARKS.md). Distances of the scanned rows are exact.
 * ``hnsw``: ``IndexHNSWFlat`` (inner product) / ``IndexBinaryHNSW``: a graph with ``m`` links per
   node (default 32), built with ``ef_construction`` (default 80), searched with ``ef_search``
   (default 128; raised to k when k is larger).
@@ -168,7 +170,11 @@ def resolve_type(kind: str, n: int, index_type: str = "auto", nlist: int = 0, np
         nlist = nlist or min(_pow2_near(math.sqrt(max(n, 1))), cap)
         if nlist > max(n, 1):
             raise IndexFormatError(f"--nlist {nlist} is more than the {n} rows to index")
-        return "ivf", {"nlist": nlist, "nprobe": min(nprobe or max(1, nlist // 16), nlist)}
+        if nlist > train_sample:
+            raise IndexFormatError(f"--nlist {nlist} needs at least {nlist} training rows: raise --train-sample "
+                                   f"({train_sample}) or lower --nlist")
+        share = 8 if kind == "codes" else 16
+        return "ivf", {"nlist": nlist, "nprobe": min(nprobe or max(1, nlist // share), nlist)}
     return "hnsw", {"m": m or DEFAULT_M, "ef_construction": ef_construction or DEFAULT_EF_CONSTRUCTION,
                     "ef_search": ef_search or DEFAULT_EF_SEARCH}
 
