@@ -281,8 +281,12 @@ def save_index(path: str | Path, ids, vectors, captions: list[list[str]], kind: 
     faiss = faiss_module() if index_type == "flat" else faiss_module(f"a {index_type} index")
     fidx = None
     if faiss is not None and len(ids):
-        fidx = build_faiss(kind, data.astype(np.float32) if kind == "embedding" else data, index_type, params,
-                           train_sample, progress)
+        try:
+            fidx = build_faiss(kind, data.astype(np.float32) if kind == "embedding" else data, index_type, params,
+                               train_sample, progress)
+        except RuntimeError as e:  # faiss' own checks (e.g. too few training rows)
+            raise IndexFormatError(f"faiss could not build the {index_type} index {params}: "
+                                   f"{str(e).strip().splitlines()[-1]}") from None
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
