@@ -129,6 +129,82 @@ def test_search_cli(run, indexes, tmp_path, capsys):
         assert label in capsys.readouterr().out
 
 
+def test_search_queries_file_jsonl(run, indexes, tmp_path, capsys):
+    """--queries: captions and image paths mixed, one JSON object per query in file order, the same
+    results as one query at a time; a line that cannot be encoded gets an error and the rest go on."""
+    img, _ = indexes
+    index = load_index(img)
+    from xmdist.data.loader import iter_raw_samples
+
+    sample = next(iter_raw_samples([str(p) for p in sorted(Path(index.meta["source"]["shards"]).glob("train-*"))]))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(sample["jpg"])
+    lines = [index.captions[3][0], str(photo), "", "zebra quokka", index.captions[7][1]]
+    (tmp_path / "q.txt").write_text("\n".join(lines) + "\n")
+    base = ["--run-dir", str(run), "--index", str(img), "-k", "4"]
+    assert search_cli.main([*base, "--queries", str(tmp_path / "q.txt"), "--out", str(tmp_path / "hits.jsonl")]) == 0
+    assert "4 queries (1 not encodable) searched in" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "hits.jsonl").read_text().splitlines()]
+    assert [(r["query"], r["kind"]) for r in records] == [(lines[0], "text"), (str(photo), "image"),
+                                                         ("zebra quokka", "text"), (lines[4], "text")]
+    assert "no word is known to the run" in records[2]["error"] and records[2]["results"] == []
+    for r in (records[0], records[1], records[3]):
+        assert "error" not in r and len(r["results"]) == 4
+        scores = [h["score"] for h in r["results"]]
+        assert scores == sorted(scores, reverse=True)
+        assert all(h["captions"] == index.captions[int(np.flatnonzero(index.ids == h["id"])[0])] for h in r["results"])
+    for r, argv in ((records[0], ["--text", lines[0]]), (records[1], ["--image", str(photo)])):
+        assert search_cli.main([*base, *argv]) == 0
+        single = [int(line.split(" id ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+                  if " id " in line]
+        assert single == [h["id"] for h in r["results"]]
+    assert search_cli.main([*base, "--queries", str(tmp_path / "q.txt")]) == 0  # stdout
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == records
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert search_cli.main([*base, "--queries", str(tmp_path / "blank.txt")]) == 2
+    assert "holds no query" in capsys.readouterr().err
+    assert search_cli.main([*base, "--queries", str(tmp_path / "missing.txt")]) == 2
+    assert "--queries" in capsys.readouterr().err
+    # --check-recall with the queries: an IVF index of the same rows (4 lists, 1 scanned)
+    pytest.importorskip("faiss")
+    ivf = tmp_path / "ivf"
+    save_index(ivf, index.ids, index.data.astype(np.float32), index.captions, "embedding",
+               {"items": "images", "source": index.meta["source"]}, index_type="ivf", params={"nlist": 4, "nprobe": 1})
+    assert search_cli.main(["--run-dir", str(run), "--index", str(ivf), "--queries", str(tmp_path / "q.txt"),
+                            "--check-recall", "10", "-k", "4", "--nprobe", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"recall@4 of ivf (nlist=4, nprobe=4) against exact search, 3 queries of {tmp_path / 'q.txt'}: 1.0000" in out
+
+
+@pytest.mark.slow
+def test_encode_one_process_ivf_matches_two_ranks(run, indexes, tiny_shards, tmp_path):
+    """encode.py with 1 process and an IVF index: the same rows in the same order as the 2-rank
+    fixture (rank 0 merges by sample id), and a faiss IVF file that searches them."""
+    pytest.importorskip("faiss")
+    out = tmp_path / "ivf"
+    proc = launch("encode.py", "--run-dir", run, "--shards", tiny_shards, "--split", "train", "--out", out,
+                  "--index-type", "ivf", "--nlist", "8", "--nprobe", "8", "--train-sample", "200")
+    logs = proc.stdout + proc.stderr
+    assert "faiss ivf index: adding rows: 1 chunk" in logs and "(ivf nlist=8 nprobe=8; built in" in logs, logs
+    one, two = load_index(out), load_index(indexes[0])
+    assert one.index_type == "ivf" and type(one.faiss).__name__ == "IndexIVFFlat" and one.faiss.ntotal == len(two)
+    np.testing.assert_array_equal(one.ids, two.ids)
+    np.testing.assert_allclose(one.data.astype(np.float32), two.data.astype(np.float32), atol=2e-3)
+    ids, _ = search(one, one.data[10].astype(np.float32), 1)
+    assert ids[0] == one.ids[10]
+
+
+def test_encode_refuses_bad_index_options(run, tiny_shards, tmp_path, capsys):
+    from xmdist.cli import encode as encode_cli
+
+    base = ["--run-dir", str(run), "--shards", str(tiny_shards), "--split", "test", "--out", str(tmp_path / "x")]
+    assert encode_cli.main([*base, "--train-sample", "0"]) == 2
+    assert "--train-sample must be >= 1, got 0" in capsys.readouterr().err
+    assert encode_cli.main([*base, "--nprobe", "-3"]) == 2
+    assert "--nprobe must be >= 0, got -3" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_eval_matches_training_and_writes_tensorboard(run, tiny_shards, tmp_path):
     out, tb = tmp_path / "results.json", tmp_path / "tb"
     launch("eval.py", "--run", run, "--checkpoint", "best", "--shards", tiny_shards, "--split", "test",

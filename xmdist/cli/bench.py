@@ -8,6 +8,9 @@
     python launch/bench.py metrics --queries 2100 --db 193734 --bits 64 --labels 21 --loop-queries 200
     # CMFAH's global-batch triplets: sorted prefix sums against the (n, N, N) form, time and peak memory
     python launch/bench.py triplet --global-batch 1024 4096 16384 65536 --local 256
+    # search: the exact numpy search, xmdist on faiss (flat, IVF, HNSW) and faiss called directly,
+    # 10,000,000 64-bit codes and 1,000,000 256-d embeddings (--small: a minute)
+    python launch/bench.py search --small
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ import sys
 from pathlib import Path
 
 from xmdist.cli import HelpFormatter
-from xmdist.benchmarks import graph, loader, metrics, train, triplet
+from xmdist.benchmarks import graph, loader, metrics, search, train, triplet
 
-BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics, "graph": graph, "triplet": triplet}
+BENCHMARKS = {"train": train, "loader": loader, "metrics": metrics, "graph": graph, "triplet": triplet,
+              "search": search}
 
 
 def main(argv=None) -> int:

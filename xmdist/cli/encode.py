@@ -7,16 +7,24 @@
     torchrun ... launch/encode.py ... --out indexes/demo-test --captions indexes/demo-test-captions
     # sign bits instead of float16 vectors (Hamming / asymmetric search)
     python launch/encode.py ... --codes
+    # an approximate faiss index (pip install -e ".[search]"): IVF trained on 200,000 sampled rows
+    torchrun ... launch/encode.py ... --index-type ivf --train-sample 200000 --nprobe 32
 
 ``--run-dir`` and ``--run`` are the same option; under torchrun only ``--run-dir`` works (torchrun's
 own parser reads ``--run`` as an abbreviation of its ``--run-path``). Every rank encodes its share
-of the split (xmdist.eval.encode.encode_split); rank 0 writes. ``--codes`` stores the sign bits
-(>= 0) of the retrieval embedding: K = embedding dim bits.
+of the split's shards (xmdist.eval.encode.encode_split), the rows are gathered on rank 0 ordered
+by sample id (the index is the same whatever the number of processes), and rank 0 builds and
+writes the index: the arrays and, with faiss installed, the faiss index of ``--index-type``
+(auto: flat below 100,000 embeddings / 1,000,000 codes, else ivf; flat, ivf, hnsw; the parameters
+and their defaults are in xmdist/tools/index.py), IVF trained on ``--train-sample`` rows drawn at
+random (seed 0), rows added with a progress bar. ``--codes`` stores the sign bits (>= 0) of the
+retrieval embedding: K = embedding dim bits.
 Exit codes: 0 done, 2 bad input (missing run, checkpoint, shards; the message says which), 1 other.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -29,7 +37,7 @@ from xmdist.data.webset import describe, open_shards
 from xmdist.data.splits import read_split_captions
 from xmdist.dist import DistEnv, init_distributed, on_main
 from xmdist.eval.encode import encode_split
-from xmdist.tools.index import IndexFormatError, check_target, save_index
+from xmdist.tools.index import IndexFormatError, check_index_type, check_target, resolve_type, save_index
 from xmdist.tools.runs import RunError, load_run
 from xmdist.train.logger import setup_console
 
@@ -47,6 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="index directory of the split's images")
     p.add_argument("--captions", metavar="DIR", help="also write an index of the split's captions to DIR")
     p.add_argument("--codes", action="store_true", help="store packed sign bits instead of float16 vectors")
+    p.add_argument("--index-type", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
+                   help="faiss index (auto: flat below 100,000 embeddings / 1,000,000 codes, else ivf)")
+    p.add_argument("--nlist", type=int, default=0, help="ivf: lists (default: the power of two nearest sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=0, help="ivf: lists scanned per query, stored (default nlist/16, codes nlist/8)")
+    p.add_argument("--hnsw-m", type=int, default=0, help="hnsw: links per node (default 32)")
+    p.add_argument("--ef-construction", type=int, default=0, help="hnsw: build breadth (default 80)")
+    p.add_argument("--ef-search", type=int, default=0, help="hnsw: search breadth, stored (default 128)")
+    p.add_argument("--train-sample", type=int, default=100_000, help="ivf: rows k-means is trained on (default 100000)")
     p.add_argument("--batch-size", type=int, default=0, help="images per rank per step (default: eval.batch_size)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
@@ -61,18 +77,35 @@ def write_indexes(args, loaded, shards, split, img, cap, encoded_ids, seconds: f
                        f"id {missing[0]}")
     captions = [by_id[i] for i in ids]
     kind = "codes" if args.codes else "embedding"
+    build = {"index_type": args.index_type, "params": search_params(args), "train_sample": args.train_sample,
+             "progress": True}
     source = {"run": str(Path(args.run).resolve()), "checkpoint": loaded.checkpoint, "step": loaded.step,
               "method": loaded.config.method, "shards": describe(shards), "split": split.name}
-    save_index(args.out, ids, img.numpy(), captions, kind, {"items": "images", "source": source})
-    log.info("%d images (%s, %d-d, %s) of %s/%s in %.1fs -> %s", len(ids), kind, img.shape[1],
-             loaded.checkpoint, shards.root, split.name, seconds, args.out)
+    t0 = time.time()
+    save_index(args.out, ids, img.numpy(), captions, kind, {"items": "images", "source": source}, **build)
+    log.info("%d images (%s, %d-d, %s) of %s/%s encoded in %.1fs -> %s (%s; built in %.1fs)", len(ids), kind,
+             img.shape[1], loaded.checkpoint, shards.root, split.name, seconds, args.out,
+             describe_index(args.out), time.time() - t0)
     if args.captions:
         cap_ids = [i for i, caps in zip(ids, captions) for _ in caps]
         cap_text = [[c] for caps in captions for c in caps]
         if len(cap_ids) != len(cap):
             raise RunError(f"split '{split.name}': {len(cap)} captions encoded but {len(cap_ids)} readable")
-        save_index(args.captions, cap_ids, cap.numpy(), cap_text, kind, {"items": "captions", "source": source})
-        log.info("%d captions -> %s", len(cap_ids), args.captions)
+        save_index(args.captions, cap_ids, cap.numpy(), cap_text, kind, {"items": "captions", "source": source},
+                   **build)
+        log.info("%d captions -> %s (%s)", len(cap_ids), args.captions, describe_index(args.captions))
+
+
+def search_params(args) -> dict:
+    return {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.hnsw_m, "ef_construction": args.ef_construction,
+            "ef_search": args.ef_search}
+
+
+def describe_index(path) -> str:
+    """The search type and parameters index.json records, e.g. ``ivf nlist=1024 nprobe=64``."""
+    search = json.loads((Path(path) / "index.json").read_text())["search"]
+    return " ".join([search["type"], *(f"{k}={v}" for k, v in search["params"].items())]) + \
+        ("" if search["file"] else ", no faiss file: numpy search")
 
 
 def main(argv=None) -> int:
@@ -90,6 +123,9 @@ def main(argv=None) -> int:
         split = shards.split(args.split)
         for target in filter(None, (args.out, args.captions)):
             check_target(target)
+        check_index_type(args.index_type)  # an approximate type without faiss: refused before encoding
+        resolve_type("codes" if args.codes else "embedding", 1 << 30, args.index_type, train_sample=args.train_sample,
+                     **search_params(args))  # negative parameters
         init_distributed(env, cfg.train.dist_timeout_s)
         t0 = time.time()
         out = encode_split(loaded.method, loaded.model, split, loaded.decoder, env,
