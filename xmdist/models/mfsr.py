@@ -30,11 +30,17 @@ class FeatureSeparation(nn.Module):
     * ``"leaky"``: ``Linear + LeakyReLU(0.1)``: no unit can stop passing gradient;
     * ``"linear"``: ``Linear`` alone: each head is a linear map of the feature, the function
       class VSE++'s projection has, so the retrieval part ``se`` keeps every direction of it.
+
+    ``init``: ``"default"`` is torch's (weights U(+-1/sqrt(fan_in)): each layer scales the feature
+    by about 1/sqrt(3), biases of the same size added); ``"orthogonal"`` makes every layer an
+    orthogonal map with zero bias, so the feature reaches the heads at its own scale and a step
+    of Adam changes each layer relatively less.
     """
 
     TRUNKS = ("relu", "leaky", "linear")
+    INITS = ("default", "orthogonal")
 
-    def __init__(self, in_dim: int, dim: int, hidden: int | None = None, trunk: str = "relu"):
+    def __init__(self, in_dim: int, dim: int, hidden: int | None = None, trunk: str = "relu", init: str = "default"):
         super().__init__()
         if trunk not in self.TRUNKS:
             raise ValueError(f"separation trunk must be one of {', '.join(self.TRUNKS)}, got {trunk!r}")
@@ -42,6 +48,12 @@ class FeatureSeparation(nn.Module):
         act = {"relu": [nn.ReLU(inplace=True)], "leaky": [nn.LeakyReLU(0.1, inplace=True)], "linear": []}[trunk]
         self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), *act)
         self.heads = nn.ModuleDict({p: nn.Linear(hidden, dim) for p in PARTS})
+        if init not in self.INITS:
+            raise ValueError(f"separation init must be one of {', '.join(self.INITS)}, got {init!r}")
+        if init == "orthogonal":
+            for layer in (self.trunk[0], *self.heads.values()):
+                nn.init.orthogonal_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.trunk(x.to(self.trunk[0].weight.dtype))
@@ -195,12 +207,13 @@ class MFSRModel(nn.Module):
                  word_dim: int = 300, text_layers: int = 1, weights: str | None = None,
                  finetune: bool = True, image_recon: bool = True, caption_recon: bool = True,
                  image_size: int = 64, ngf: int = 64, decoder_hidden: int = 1024,
-                 decoder_layers: int = 1, sep_trunk: str = "relu"):
+                 decoder_layers: int = 1, sep_trunk: str = "relu",
+                 sep_init: str = "default"):
         super().__init__()
         self.image = ImageEncoder(backbone, embed_dim, weights, finetune)
         self.text = TextEncoder(vocab_size, word_dim, embed_dim, text_layers)
-        self.sep_image = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk)
-        self.sep_text = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk)
+        self.sep_image = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk, init=sep_init)
+        self.sep_text = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk, init=sep_init)
         self.image_size = image_size
         self.generator = Generator(3 * sep_dim, ngf, image_size) if image_recon else None
         self.decoder = CaptionDecoder(vocab_size, 3 * sep_dim, word_dim, decoder_hidden,
