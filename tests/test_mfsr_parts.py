@@ -64,6 +64,22 @@ def test_feature_separation_trunks(trunk):
         torch.testing.assert_close(sep.trunk(a) + sep.trunk(b) - sep.trunk(z), sep.trunk(a + b))
 
 
+def test_feature_separation_orthogonal_init_keeps_the_feature_scale():
+    torch.manual_seed(0)
+    x = torch.randn(8, 32)
+    orth = FeatureSeparation(32, 32, trunk="linear", init="orthogonal")
+    for layer in (orth.trunk[0], *orth.heads.values()):
+        assert (layer.bias == 0).all()
+        torch.testing.assert_close(layer.weight @ layer.weight.T, torch.eye(32), atol=1e-5, rtol=0)
+    with torch.no_grad():  # orthogonal maps without bias: the norm of every row is kept
+        h = orth.heads["se"](orth.trunk(x))
+        torch.testing.assert_close(h.norm(dim=1), x.norm(dim=1), atol=1e-4, rtol=1e-4)
+        default = FeatureSeparation(32, 32, trunk="linear")
+        assert default.heads["se"](default.trunk(x)).norm(dim=1).mean() < 0.6 * x.norm(dim=1).mean()
+    with pytest.raises(ValueError, match="default, orthogonal"):
+        FeatureSeparation(32, DIM, init="xavier")
+
+
 def test_feature_separation_refuses_an_unknown_trunk():
     with pytest.raises(ValueError, match="relu, leaky, linear"):
         FeatureSeparation(32, DIM, trunk="gelu")
