@@ -80,6 +80,19 @@ def test_feature_separation_orthogonal_init_keeps_the_feature_scale():
         FeatureSeparation(32, DIM, init="xavier")
 
 
+def test_residual_separation_starts_as_the_feature():
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    sep = FeatureSeparation(32, 32, residual=True)
+    for v in sep(x).values():  # heads at zero: every part is the normalised feature
+        torch.testing.assert_close(v, F.normalize(x, dim=-1))
+    loss = sep(x)["se"].sum() + 0.0
+    loss.backward()
+    assert sep.heads["se"].weight.grad.abs().sum() > 0  # the correction learns from step 0
+    with pytest.raises(ValueError, match="part size"):
+        FeatureSeparation(32, 16, residual=True)
+
+
 def test_feature_separation_refuses_an_unknown_trunk():
     with pytest.raises(ValueError, match="relu, leaky, linear"):
         FeatureSeparation(32, DIM, trunk="gelu")

@@ -38,6 +38,7 @@ class MFSRModelConfig(VSEModelConfig):
     decoder_hidden: int = 512
     sep_trunk: str = "relu"  # separation trunk: relu (the paper's MLP) | leaky | linear
     sep_init: str = "default"  # separation layers' init: default (torch's) | orthogonal (zero biases)
+    sep_residual: bool = False  # parts = normalize(feature + head(trunk(feature))), heads started at 0
 
     def validate(self) -> None:
         super().validate()
@@ -45,6 +46,8 @@ class MFSRModelConfig(VSEModelConfig):
               f"must be one of {', '.join(FeatureSeparation.TRUNKS)}")
         check(self.sep_init in FeatureSeparation.INITS, "model.sep_init",
               f"must be one of {', '.join(FeatureSeparation.INITS)}")
+        check(not self.sep_residual or self.embed_dim == self.feature_dim, "model.sep_residual",
+              f"needs model.embed_dim ({self.embed_dim}) = model.feature_dim ({self.feature_dim})")
         check(self.feature_dim >= 1, "model.feature_dim", "must be >= 1")
         check(self.recon_size in (32, 64), "model.recon_size", "must be 32 or 64")
         check(self.ngf >= 1 and self.ndf >= 1, "model.ngf", "ngf and ndf must be >= 1")
@@ -80,7 +83,8 @@ class MFSR(CaptionMethod):
         model = MFSRModel(len(self.vocab), m.backbone, m.feature_dim, m.embed_dim, m.word_dim, m.text_layers,
                           m.weights, m.finetune, image_recon=m.image_recon, caption_recon=m.caption_recon,
                           image_size=m.recon_size, ngf=m.ngf, decoder_hidden=m.decoder_hidden,
-                          sep_trunk=m.sep_trunk, sep_init=m.sep_init)
+                          sep_trunk=m.sep_trunk, sep_init=m.sep_init,
+                          sep_residual=m.sep_residual)
         nets = {"model": Network(model, self.cfg.optim)}
         if m.image_recon:
             nets["d1"] = Network(Discriminator(m.ndf, 3, m.recon_size), c.d_optim)

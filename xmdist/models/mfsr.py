@@ -35,13 +35,21 @@ class FeatureSeparation(nn.Module):
     by about 1/sqrt(3), biases of the same size added); ``"orthogonal"`` makes every layer an
     orthogonal map with zero bias, so the feature reaches the heads at its own scale and a step
     of Adam changes each layer relatively less.
+
+    ``residual``: each part is ``normalize(x + head(trunk(x)))`` with the heads started at zero
+    (needs ``dim == in_dim``): at step 0 the semantic part is the encoder feature itself, as in
+    VSE++, and the separation learns a correction to it.
     """
 
     TRUNKS = ("relu", "leaky", "linear")
     INITS = ("default", "orthogonal")
 
-    def __init__(self, in_dim: int, dim: int, hidden: int | None = None, trunk: str = "relu", init: str = "default"):
+    def __init__(self, in_dim: int, dim: int, hidden: int | None = None, trunk: str = "relu", init: str = "default",
+                 residual: bool = False):
         super().__init__()
+        if residual and dim != in_dim:
+            raise ValueError(f"a residual separation needs the part size ({dim}) to equal the feature size ({in_dim})")
+        self.residual = residual
         if trunk not in self.TRUNKS:
             raise ValueError(f"separation trunk must be one of {', '.join(self.TRUNKS)}, got {trunk!r}")
         hidden = hidden or in_dim
@@ -54,9 +62,16 @@ class FeatureSeparation(nn.Module):
             for layer in (self.trunk[0], *self.heads.values()):
                 nn.init.orthogonal_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        if residual:
+            for head in self.heads.values():
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.trunk(x.to(self.trunk[0].weight.dtype))
+        x = x.to(self.trunk[0].weight.dtype)
+        h = self.trunk(x)
+        if self.residual:
+            return {p: F.normalize((x + head(h)).float(), dim=-1) for p, head in self.heads.items()}
         return {p: F.normalize(head(h).float(), dim=-1) for p, head in self.heads.items()}
 
 
@@ -208,12 +223,14 @@ class MFSRModel(nn.Module):
                  finetune: bool = True, image_recon: bool = True, caption_recon: bool = True,
                  image_size: int = 64, ngf: int = 64, decoder_hidden: int = 1024,
                  decoder_layers: int = 1, sep_trunk: str = "relu",
-                 sep_init: str = "default"):
+                 sep_init: str = "default", sep_residual: bool = False):
         super().__init__()
         self.image = ImageEncoder(backbone, embed_dim, weights, finetune)
         self.text = TextEncoder(vocab_size, word_dim, embed_dim, text_layers)
-        self.sep_image = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk, init=sep_init)
-        self.sep_text = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk, init=sep_init)
+        self.sep_image = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk, init=sep_init,
+                                           residual=sep_residual)
+        self.sep_text = FeatureSeparation(embed_dim, sep_dim, trunk=sep_trunk, init=sep_init,
+                                           residual=sep_residual)
         self.image_size = image_size
         self.generator = Generator(3 * sep_dim, ngf, image_size) if image_recon else None
         self.decoder = CaptionDecoder(vocab_size, 3 * sep_dim, word_dim, decoder_hidden,
