@@ -104,15 +104,18 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
     if "MASTER_ADDR" not in os.environ:
         nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
         os.environ["MASTER_ADDR"] = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+    alone = False  # one process started without a launcher: no rendezvous, no port to race for
     if "MASTER_PORT" not in os.environ:
         if env.world_size > 1 and "SLURM_JOB_ID" in os.environ:
             os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
         elif env.world_size == 1:
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"], alone = str(_free_port()), True  # for libraries that read it
         else:
             raise RuntimeError("MASTER_PORT is not set: launch with torchrun or srun, or export it")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    # A TCP store on a port found free a moment ago can lose it to another process (EADDRINUSE):
+    # a single process keeps its store in memory instead.
+    store = dist.HashStore() if alone else next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))[0]
     dist.init_process_group(
         backend=env.backend, store=dist.PrefixStore(store_prefix(), store), rank=env.rank,
         world_size=env.world_size, timeout=timeout, device_id=env.device if env.device.type == "cuda" else None,
