@@ -16,7 +16,7 @@ import pytest
 import torch
 from webdataset import TarWriter
 
-from xmdist.config import DataConfig
+from xmdist.config import ConfigError, DataConfig
 from xmdist.data.decode import SampleDecoder, decode_meta
 from xmdist.data.fields import SampleFields, sample_id
 from xmdist.data.info import ShardError, ShardSet, Split
@@ -192,18 +192,25 @@ def test_weighted_sources_follow_their_weights(i2d, tmp_path):
         shutil.copy(p, other / p.name)
         shutil.copy(p.with_name(p.stem + "_stats.json"), other / (p.stem + "_stats.json"))
     spec = [{"shards": str(root), "weight": 1}, {"shards": str(other), "weight": 3}]
-    split = open_shards(_data(shards=spec, resampled=True)).split("train")
     n = 4000
+    # a binomial's chi-square with 1 dof < 10.8 (p = 0.001); share mode's 3/4 and upsampling's 6/13
+    # are far apart (about 300 sigma-units of chi-square), so the wrong rule fails
+    for mode, share in (("share", 0.75), ("upsampling", 3 * 2 / (1 * 7 + 3 * 2))):
+        s = open_shards(_data(shards=spec, resampled=True, weight_mode=mode)).split("train")
+        got = sum(1 for d in _plan_draws(s, 0, n) if d.startswith(str(other)))
+        expected = share * n
+        chi2 = (got - expected) ** 2 / expected + (got - expected) ** 2 / (n - expected)
+        assert chi2 < 10.83, (mode, got, expected)
+    split = open_shards(_data(shards=spec, resampled=True)).split("train")  # default: open_clip's upsampling
     draws = _plan_draws(split, 0, n)
     from_other = sum(1 for d in draws if d.startswith(str(other)))
-    # the second source is drawn 3/4 of the time; a binomial's chi-square with 1 dof < 10.8 (p = 0.001)
-    expected = 0.75 * n
-    chi2 = (from_other - expected) ** 2 / expected + (from_other - expected) ** 2 / (n - expected)
-    assert chi2 < 10.83, (from_other, expected)
+    assert abs(from_other / n - 6 / 13) < 0.05
     # within a source, shards are uniform
     counts = Counter(d for d in draws if d.startswith(str(other)))
     assert all(abs(c - from_other / 2) < 4 * math.sqrt(from_other / 4) for c in counts.values())
     assert draws == _plan_draws(split, 0, n) and draws != _plan_draws(split, 1, n)  # reproducible for a seed
+    with pytest.raises(ConfigError, match="data.weight_mode: must be 'upsampling'"):
+        _data(shards=spec, weight_mode="factors")
     # the '::' form with data.shard_weights is the same split
     joined = open_shards(_data(shards=f"{root}::{other}", shard_weights=[1, 3], resampled=True)).split("train")
     assert joined.paths == split.paths and joined.weights == split.weights

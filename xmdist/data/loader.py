@@ -202,7 +202,7 @@ class StreamPlan:
         if self.resampled:  # with replacement from the whole split, one shard at a time
             rng = _rng(self.seed, "resample", epoch, self.rank, worker)
             paths, weights = self.split.paths, self.split.weights
-            while True:  # weighted: each source's share of the draws (xmdist.data.sources)
+            while True:  # weighted: per-shard chances (xmdist.data.webset.shard_weights)
                 yield rng.choices(paths, weights) if weights else [rng.choice(paths)]
         shards = list(self.split.paths)
         _rng(self.seed, "shards", epoch).shuffle(shards)  # identical on every rank
