@@ -20,7 +20,8 @@ from xmdist.config import ConfigError, DataConfig
 from xmdist.data.decode import SampleDecoder, decode_meta
 from xmdist.data.fields import SampleFields, sample_id
 from xmdist.data.info import ShardError, ShardSet, Split
-from xmdist.data.loader import StreamPlan, TrainStream, build_vocab, iter_raw_samples, make_loader, steps_per_epoch
+from xmdist.data.loader import (StreamPlan, TrainStream, build_vocab, iter_raw_samples, make_loader, steps_per_epoch,
+                                vocab_from_parts, vocab_part)
 from xmdist.data.webset import open_shards
 from xmdist.tools.img2dataset_layout import write_img2dataset
 
@@ -297,3 +298,50 @@ def test_a_truncated_shard_yields_what_precedes_the_damage(i2d, tmp_path):
 
     gz.write_bytes(gzip.compress(data))
     assert [s["__key__"] for s in iter_raw_samples([str(gz)], None, SampleFields())] == first
+
+
+def test_ranks_read_disjoint_parts_of_the_vocabulary_sample(i2d):
+    root, written = i2d
+    split = open_shards(_data(shards=str(root))).split("train")
+    whole, _ = vocab_part(split)
+    parts = [vocab_part(split, 0, 0, r, 3) for r in range(3)]
+    assert sum((c for c, _ in parts), Counter()) == whole  # read whole: the same counts for any world size
+    assert sorted(p for _, r in parts for p in r["shards"]) == sorted(split.paths)
+    record: dict = {}
+    vocab_from_parts(split, parts, 1, record=record)
+    assert record["complete"] and record["captions"] == len(written) and len(record["ranks"]) == 3
+    bounded = [vocab_part(split, 61, 5, r, 2) for r in range(2)]
+    assert [r["captions"] for _, r in bounded] == [31, 30]  # shares of data.vocab_samples
+    assert not set(bounded[0][1]["shards"]) & set(bounded[1][1]["shards"])
+    assert bounded == [vocab_part(split, 61, 5, r, 2) for r in range(2)]  # a function of the seed
+    assert [r["shards"] for _, r in bounded] != [r["shards"] for _, r in (vocab_part(split, 61, 6, r, 2) for r in range(2))]
+
+
+def _vocab_on_ranks(rank: int, world: int, shards: str, run_dir: str) -> None:
+    from types import SimpleNamespace
+
+    from xmdist.dist import DistEnv
+    from xmdist.methods.captions import caption_vocab
+
+    cfg = SimpleNamespace(data=SimpleNamespace(vocab="", train_split="train", min_word_count=1, vocab_samples=0),
+                          train=SimpleNamespace(seed=0))
+    vocab = caption_vocab(cfg, open_shards(_data(shards=shards)), Path(run_dir), DistEnv(rank=rank, world_size=world),
+                          True)
+    Path(run_dir, f"words.{rank}.json").write_text(json.dumps(vocab.words))
+
+
+def test_the_vocabulary_is_the_same_for_one_and_two_ranks(i2d, tmp_path):
+    from conftest import run_distributed
+
+    root, _ = i2d
+    words = {}
+    for world in (1, 2):
+        run = tmp_path / f"w{world}"
+        run.mkdir()
+        run_distributed(_vocab_on_ranks, world, str(root), str(run))
+        got = [json.loads((run / f"words.{r}.json").read_text()) for r in range(world)]
+        assert all(g == got[0] for g in got) and got[0] == json.loads((run / "vocab.json").read_text())["words"]
+        record = json.loads((run / "vocab_sample.json").read_text())
+        assert len(record["ranks"]) == world and record["complete"] is True
+        words[world] = got[0]
+    assert words[1] == words[2] and len(words[1]) > 4
