@@ -16,11 +16,12 @@ import pytest
 import torch
 from webdataset import TarWriter
 
-from xmdist.config import DataConfig
+from xmdist.config import ConfigError, DataConfig
 from xmdist.data.decode import SampleDecoder, decode_meta
 from xmdist.data.fields import SampleFields, sample_id
 from xmdist.data.info import ShardError, ShardSet, Split
-from xmdist.data.loader import StreamPlan, TrainStream, build_vocab, iter_raw_samples, make_loader, steps_per_epoch
+from xmdist.data.loader import (StreamPlan, TrainStream, build_vocab, iter_raw_samples, make_loader, steps_per_epoch,
+                                vocab_from_parts, vocab_part)
 from xmdist.data.webset import open_shards
 from xmdist.tools.img2dataset_layout import write_img2dataset
 
@@ -192,18 +193,25 @@ def test_weighted_sources_follow_their_weights(i2d, tmp_path):
         shutil.copy(p, other / p.name)
         shutil.copy(p.with_name(p.stem + "_stats.json"), other / (p.stem + "_stats.json"))
     spec = [{"shards": str(root), "weight": 1}, {"shards": str(other), "weight": 3}]
-    split = open_shards(_data(shards=spec, resampled=True)).split("train")
     n = 4000
+    # a binomial's chi-square with 1 dof < 10.8 (p = 0.001); share mode's 3/4 and upsampling's 6/13
+    # are far apart (about 300 sigma-units of chi-square), so the wrong rule fails
+    for mode, share in (("share", 0.75), ("upsampling", 3 * 2 / (1 * 7 + 3 * 2))):
+        s = open_shards(_data(shards=spec, resampled=True, weight_mode=mode)).split("train")
+        got = sum(1 for d in _plan_draws(s, 0, n) if d.startswith(str(other)))
+        expected = share * n
+        chi2 = (got - expected) ** 2 / expected + (got - expected) ** 2 / (n - expected)
+        assert chi2 < 10.83, (mode, got, expected)
+    split = open_shards(_data(shards=spec, resampled=True)).split("train")  # default: open_clip's upsampling
     draws = _plan_draws(split, 0, n)
     from_other = sum(1 for d in draws if d.startswith(str(other)))
-    # the second source is drawn 3/4 of the time; a binomial's chi-square with 1 dof < 10.8 (p = 0.001)
-    expected = 0.75 * n
-    chi2 = (from_other - expected) ** 2 / expected + (from_other - expected) ** 2 / (n - expected)
-    assert chi2 < 10.83, (from_other, expected)
+    assert abs(from_other / n - 6 / 13) < 0.05
     # within a source, shards are uniform
     counts = Counter(d for d in draws if d.startswith(str(other)))
     assert all(abs(c - from_other / 2) < 4 * math.sqrt(from_other / 4) for c in counts.values())
     assert draws == _plan_draws(split, 0, n) and draws != _plan_draws(split, 1, n)  # reproducible for a seed
+    with pytest.raises(ConfigError, match="data.weight_mode: must be 'upsampling'"):
+        _data(shards=spec, weight_mode="factors")
     # the '::' form with data.shard_weights is the same split
     joined = open_shards(_data(shards=f"{root}::{other}", shard_weights=[1, 3], resampled=True)).split("train")
     assert joined.paths == split.paths and joined.weights == split.weights
@@ -290,3 +298,50 @@ def test_a_truncated_shard_yields_what_precedes_the_damage(i2d, tmp_path):
 
     gz.write_bytes(gzip.compress(data))
     assert [s["__key__"] for s in iter_raw_samples([str(gz)], None, SampleFields())] == first
+
+
+def test_ranks_read_disjoint_parts_of_the_vocabulary_sample(i2d):
+    root, written = i2d
+    split = open_shards(_data(shards=str(root))).split("train")
+    whole, _ = vocab_part(split)
+    parts = [vocab_part(split, 0, 0, r, 3) for r in range(3)]
+    assert sum((c for c, _ in parts), Counter()) == whole  # read whole: the same counts for any world size
+    assert sorted(p for _, r in parts for p in r["shards"]) == sorted(split.paths)
+    record: dict = {}
+    vocab_from_parts(split, parts, 1, record=record)
+    assert record["complete"] and record["captions"] == len(written) and len(record["ranks"]) == 3
+    bounded = [vocab_part(split, 61, 5, r, 2) for r in range(2)]
+    assert [r["captions"] for _, r in bounded] == [31, 30]  # shares of data.vocab_samples
+    assert not set(bounded[0][1]["shards"]) & set(bounded[1][1]["shards"])
+    assert bounded == [vocab_part(split, 61, 5, r, 2) for r in range(2)]  # a function of the seed
+    assert [r["shards"] for _, r in bounded] != [r["shards"] for _, r in (vocab_part(split, 61, 6, r, 2) for r in range(2))]
+
+
+def _vocab_on_ranks(rank: int, world: int, shards: str, run_dir: str) -> None:
+    from types import SimpleNamespace
+
+    from xmdist.dist import DistEnv
+    from xmdist.methods.captions import caption_vocab
+
+    cfg = SimpleNamespace(data=SimpleNamespace(vocab="", train_split="train", min_word_count=1, vocab_samples=0),
+                          train=SimpleNamespace(seed=0))
+    vocab = caption_vocab(cfg, open_shards(_data(shards=shards)), Path(run_dir), DistEnv(rank=rank, world_size=world),
+                          True)
+    Path(run_dir, f"words.{rank}.json").write_text(json.dumps(vocab.words))
+
+
+def test_the_vocabulary_is_the_same_for_one_and_two_ranks(i2d, tmp_path):
+    from conftest import run_distributed
+
+    root, _ = i2d
+    words = {}
+    for world in (1, 2):
+        run = tmp_path / f"w{world}"
+        run.mkdir()
+        run_distributed(_vocab_on_ranks, world, str(root), str(run))
+        got = [json.loads((run / f"words.{r}.json").read_text()) for r in range(world)]
+        assert all(g == got[0] for g in got) and got[0] == json.loads((run / "vocab.json").read_text())["words"]
+        record = json.loads((run / "vocab_sample.json").read_text())
+        assert len(record["ranks"]) == world and record["complete"] is True
+        words[world] = got[0]
+    assert words[1] == words[2] and len(words[1]) > 4

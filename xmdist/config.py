@@ -41,7 +41,10 @@ class DataConfig:
     shards: str | list[str | dict[str, Any]] = "shards/synthetic"
     val_shards: str | list[str | dict[str, Any]] = ""  # other shard sets: the validation split ("": none)
     test_shards: str | list[str | dict[str, Any]] = ""  # other shard sets: the test split ("": none)
-    shard_weights: list[float] = field(default_factory=list)  # '::'-joined sources: each one's share (resampled)
+    shard_weights: list[float] = field(default_factory=list)  # '::'-joined sources: their weights (resampled)
+    # upsampling: a weight multiplies each of the source's shards' chance (open_clip's
+    # --train-data-upsampling-factors); share: a weight is the source's share of the draws
+    weight_mode: str = "upsampling"
     train_num_samples: int = 0  # other shard sets without per-shard counts: samples per epoch (resampled)
     captions_per_image: int = 0  # other shard sets: captions used per image (0: 1)
     image_key: str = ""  # other shard sets: the image member ("": the first of jpg, jpeg, png, webp)
@@ -78,6 +81,9 @@ class DataConfig:
         check(bool(self.shards.strip() if isinstance(self.shards, str) else self.shards), "data.shards",
               "required: the shard set directory (launch/make_shards.py writes one) or a shard pattern")
         check(all(w > 0 for w in self.shard_weights), "data.shard_weights", "must all be > 0")
+        check(self.weight_mode in ("upsampling", "share"), "data.weight_mode",
+              f"must be 'upsampling' (a weight multiplies each shard's chance, as open_clip's upsampling "
+              f"factors) or 'share' (a weight is the source's share of the draws), got {self.weight_mode!r}")
         check(self.train_num_samples >= 0, "data.train_num_samples", "must be >= 0 (0: counted per shard)")
         check(self.captions_per_image >= 0, "data.captions_per_image", "must be >= 0")
         check(self.open_retries >= 0, "data.open_retries", "must be >= 0")

@@ -7,7 +7,11 @@ sequentially and decodes JPEGs with libjpeg-turbo at reduced scale when the outp
 With a GPU, the nvJPEG path (``data.gpu_decode``) is measured too. ``--img2dataset`` measures
 the same JPEG bytes in img2dataset's layout (``00000.tar`` with jpg/txt/json and ``_stats.json``)
 read through a brace pattern, as ``data.shards`` reads such sets; ``--no-per-file`` leaves the
-PIL baseline out.
+PIL baseline out. ``--open-clip-python PATH`` (with ``--img2dataset``) measures open_clip's own
+``get_wds_dataset`` pipeline on the img2dataset layout in the same run, each repeat in a fresh
+process of that Python (an environment with open_clip: it is no dependency of xmdist), and the
+decode-only rate of libjpeg-turbo at the DCT scale xmdist uses for that output size, with the
+same number of processes: the ceiling of any loader that decodes on those workers.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import io
 import itertools
 import json
 import os
+import subprocess
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -25,7 +30,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from xmdist.data.decode import IMAGENET_MEAN, IMAGENET_STD, SampleDecoder
+import simplejpeg
+
+from xmdist.data.decode import IMAGENET_MEAN, IMAGENET_STD, SampleDecoder, _jpeg_scale
 from xmdist.data.info import ShardSet
 from xmdist.data.loader import StreamPlan, TrainStream, make_loader, worker_count
 from xmdist.data.vocab import Vocab
@@ -121,6 +128,40 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img2dataset", action="store_true",
                    help="also the same JPEGs in img2dataset's layout through a brace pattern")
     p.add_argument("--no-per-file", dest="per_file", action="store_false", help="leave the PIL baseline out")
+    p.add_argument("--open-clip-python", default=None, metavar="PATH",
+                   help="a Python with open_clip: also open_clip's get_wds_dataset on the img2dataset "
+                        "layout, and libjpeg-turbo's decode-only rate (needs --img2dataset)")
+    p.add_argument("--crop-scale", default="0.08,1.0", help="RandomResizedCrop area scale, for every loader")
+
+
+def _decode_share(job: tuple[list[bytes], int]) -> int:
+    datas, size = job
+    for data in datas:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        s = _jpeg_scale(height, width, size)
+        simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // s), min_width=-(-width // s))
+    return len(datas)
+
+
+def decode_only_per_s(datas: list[bytes], size: int, workers: int) -> float:
+    """JPEGs/s of libjpeg-turbo alone, at the DCT scale xmdist picks for ``size``, split over
+    ``workers`` processes (bytes already in memory: no reading, cropping or collating)."""
+    with Pool(workers) as pool:
+        pool.map(_decode_share, [(datas[:8], size)] * workers)  # processes started, caches warm
+        t0 = time.perf_counter()
+        n = sum(pool.map(_decode_share, [(datas[i::workers], size) for i in range(workers)]))
+        return n / (time.perf_counter() - t0)
+
+
+def open_clip_per_s(python: str, spec: dict) -> float:
+    """One measurement of open_clip's pipeline (``open_clip_column.py`` in ``python``)."""
+    script = Path(__file__).with_name("open_clip_column.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages, not the worktree
+    done = subprocess.run([python, str(script), json.dumps(spec)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"open_clip's pipeline failed in {python} (is open-clip-torch installed there, "
+                         f"with webdataset<=0.2.86?):\n{done.stderr[-3000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"])
 
 
 def img2dataset_split(root: Path, split):
@@ -146,9 +187,17 @@ def run(args: argparse.Namespace) -> dict:
     steps = split.num_samples // args.batch_size
     result = {"images": f"{args.num} JPEGs {args.width}x{args.height}", "workers": args.workers,
               "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "sizes": {}}
+    if args.open_clip_python and not args.img2dataset:
+        raise SystemExit("--open-clip-python measures open_clip on the img2dataset layout: add --img2dataset")
     i2d = img2dataset_split(root, split) if args.img2dataset else None
+    scale = tuple(float(x) for x in args.crop_scale.split(","))
+    result["crop_scale"] = list(scale)
+    if args.open_clip_python:
+        pattern = f"{root / 'img2dataset'}/{{00000..{len(i2d.paths) - 1:05d}}}.tar"
+        jpegs = [p.read_bytes() for p in sorted((root / "images").glob("*.jpg"))[:2000]]
+        result["open_clip_pattern"] = pattern
     for size in (int(s) for s in args.sizes.split(",")):
-        decoder = SampleDecoder(vocab, size, size, (0.08, 1.0), True, 40)
+        decoder = SampleDecoder(vocab, size, size, scale, True, 40)
         workers = worker_count(split, 1, args.workers)
         plan = StreamPlan(split, 0, 1, steps, seed=0)
         stream = TrainStream(plan, decoder, args.batch_size, 1000, "random", 1)
@@ -156,13 +205,18 @@ def run(args: argparse.Namespace) -> dict:
                               num_workers=args.workers, collate_fn=decoder.collate, prefetch_factor=4)
         if i2d is not None:
             i2d_stream = TrainStream(StreamPlan(i2d, 0, 1, steps, seed=0), decoder, args.batch_size, 1000, "random", 1)
-        shard_runs, file_runs, i2d_runs = [], [], []
+        shard_runs, file_runs, i2d_runs, oc_runs, dec_runs = [], [], [], [], []
         for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits both
             shard_runs.append(samples_per_s(make_loader(stream, workers, False), args.batches))
             if args.per_file:
                 file_runs.append(samples_per_s(baseline, args.batches))
             if i2d is not None:
                 i2d_runs.append(samples_per_s(make_loader(i2d_stream, workers, False), args.batches))
+            if args.open_clip_python:
+                oc_runs.append(open_clip_per_s(args.open_clip_python, {
+                    "pattern": pattern, "num_samples": i2d.num_samples, "batch_size": args.batch_size,
+                    "workers": args.workers, "size": size, "scale": list(scale), "batches": args.batches}))
+                dec_runs.append(decode_only_per_s(jpegs, size, args.workers))
         shard_sps = float(np.median(shard_runs))
         row = {"xmdist_samples_per_s": shard_sps, "xmdist_per_worker": shard_sps / args.workers,
                "xmdist_runs": shard_runs}
@@ -175,6 +229,15 @@ def run(args: argparse.Namespace) -> dict:
             row.update(img2dataset_brace_samples_per_s=i2d_sps, img2dataset_vs_xmdist=i2d_sps / shard_sps,
                        img2dataset_runs=i2d_runs,
                        img2dataset_vs_xmdist_each=[a / b for a, b in zip(i2d_runs, shard_runs)])
+        if oc_runs:
+            oc_sps, dec_sps = float(np.median(oc_runs)), float(np.median(dec_runs))
+            h, w = args.height, args.width
+            row.update(open_clip_samples_per_s=oc_sps, open_clip_runs=oc_runs,
+                       img2dataset_vs_open_clip=i2d_sps / oc_sps,
+                       img2dataset_vs_open_clip_each=[a / b for a, b in zip(i2d_runs, oc_runs)],
+                       decode_only_per_s=dec_sps, decode_only_runs=dec_runs, dct_scale=f"1/{_jpeg_scale(h, w, size)}",
+                       img2dataset_vs_decode_only=i2d_sps / dec_sps,
+                       img2dataset_vs_decode_only_each=[a / b for a, b in zip(i2d_runs, dec_runs)])
         if torch.cuda.is_available():
             gpu = SampleDecoder(vocab, size, size, (0.08, 1.0), True, 40, gpu_decode=True)
             stream = TrainStream(plan, gpu, args.batch_size, 1000, "random", 1)

@@ -24,6 +24,7 @@ import random
 import signal
 import tarfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -37,7 +38,7 @@ from xmdist.data.fields import SampleFields, Unusable
 from xmdist.data.info import ShardError, Split
 from xmdist.data import tarstream
 from xmdist.data.sources import is_local, open_shard
-from xmdist.data.vocab import Vocab
+from xmdist.data.vocab import Vocab, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class StreamPlan:
         if self.resampled:  # with replacement from the whole split, one shard at a time
             rng = _rng(self.seed, "resample", epoch, self.rank, worker)
             paths, weights = self.split.paths, self.split.weights
-            while True:  # weighted: each source's share of the draws (xmdist.data.sources)
+            while True:  # weighted: per-shard chances (xmdist.data.webset.shard_weights)
                 yield rng.choices(paths, weights) if weights else [rng.choice(paths)]
         shards = list(self.split.paths)
         _rng(self.seed, "shards", epoch).shuffle(shards)  # identical on every rank
@@ -282,46 +283,72 @@ class TrainStream(IterableDataset):
             epoch, first = epoch + 1, 0
 
 
-def build_vocab(split: Split, min_count: int, max_captions: int = 0, seed: int = 0,
-                record: dict | None = None) -> Vocab:
-    """Vocabulary of the split's captions (damaged samples skipped); an error if it has none.
+def vocab_part(split: Split, max_captions: int = 0, seed: int = 0, rank: int = 0,
+               world: int = 1) -> tuple[Counter, dict]:
+    """Word counts of rank ``rank``'s part of the vocabulary sample, and what it read.
 
-    ``max_captions`` > 0 bounds the pass (a web-scale set is never scanned whole): shards are
-    read in a seeded random order until that many captions were counted. ``record`` receives
-    what was read (shards in order, samples, captions, whether the split was read to its end)."""
-    read, counted, order = 0, 0, list(split.paths)
+    Shards are taken in a seeded random order when ``max_captions`` > 0 (a web-scale set is never
+    scanned whole), in the split's order otherwise; rank ``r`` of ``world`` reads shards ``r``,
+    ``r + world``, ... of that order, until its share of ``max_captions`` was counted (the shares
+    sum to ``max_captions``). Read whole, the parts of any number of ranks sum to the same counts."""
+    order = list(split.paths)
     if max_captions:
         _rng(seed, "vocab").shuffle(order)
-    used: list[str] = []
+    mine = order[rank::world]
+    budget = max_captions // world + (rank < max_captions % world) if max_captions else 0
+    counts: Counter = Counter()
+    read, counted, used = 0, 0, []
+    for path in mine:
+        if max_captions and counted >= budget:
+            break
+        used.append(path)
+        for sample in iter_raw_samples([path], fields=split.fields):
+            read += 1
+            try:
+                caps = checked_captions(decode_meta(sample), sample)
+            except DECODE_ERRORS as e:
+                log.warning("vocabulary: skipping sample %s: %s", sample.get("__key__"), e)
+                continue
+            counted += len(caps)
+            counts.update(w for c in caps for w in tokenize(c))
+            if max_captions and counted >= budget:
+                break
+    record = dict(rank=rank, samples=read, captions=counted, shards=used,
+                  complete=len(used) == len(mine) and not (max_captions and counted >= budget))
+    return counts, record
 
-    def captions() -> Iterator[str]:
-        nonlocal read, counted
-        for path in order:
-            used.append(path)
-            for sample in iter_raw_samples([path], fields=split.fields):
-                read += 1
-                try:
-                    caps = checked_captions(decode_meta(sample), sample)
-                except DECODE_ERRORS as e:
-                    log.warning("vocabulary: skipping sample %s: %s", sample.get("__key__"), e)
-                    continue
-                counted += len(caps)
-                yield from caps
-                if max_captions and counted >= max_captions:
-                    return
 
-    vocab = Vocab.build(captions(), min_count)
+def vocab_from_parts(split: Split, parts: list[tuple[Counter, dict]], min_count: int, max_captions: int = 0,
+                     seed: int = 0, record: dict | None = None) -> Vocab:
+    """The vocabulary of the summed counts of :func:`vocab_part` s (in rank order); an error if
+    the sample has no word. ``record`` receives what was read, in total and per rank."""
+    counts: Counter = Counter()
+    for part, _ in parts:
+        counts.update(part)
+    ranks = [r for _, r in parts]
+    read, counted = sum(r["samples"] for r in ranks), sum(r["captions"] for r in ranks)
     if record is not None:
         record.update(split=split.name, samples=read, captions=counted, max_captions=max_captions, seed=seed,
-                      complete=len(used) == len(order) and not (max_captions and counted >= max_captions),
-                      shards=used)
+                      complete=all(r["complete"] for r in ranks), shards=[p for r in ranks for p in r["shards"]],
+                      ranks=[{k: r[k] for k in ("samples", "captions", "shards")} for r in ranks])
     if read == 0:
         raise ShardError(f"split '{split.name}' has no readable sample in its {len(split.paths)} shard(s) (see the "
                          f"warnings above): the files are empty or damaged; rewrite them with launch/make_shards.py")
+    vocab = Vocab(sorted(w for w, n in counts.items() if n >= min_count))
     if len(vocab) <= 4:
         raise ShardError(f"split '{split.name}' has no caption words seen >= {min_count} times: its samples "
                          f"need a json member with 'captions'")
     return vocab
+
+
+def build_vocab(split: Split, min_count: int, max_captions: int = 0, seed: int = 0,
+                record: dict | None = None) -> Vocab:
+    """Vocabulary of the split's captions (damaged samples skipped), read by one process; an
+    error if it has none. ``max_captions`` > 0 bounds the pass: shards are read in a seeded random
+    order until that many captions were counted. ``record`` receives what was read (shards in
+    order, samples, captions, whether the split was read to its end). Ranks of a run share the
+    pass: :func:`vocab_part` on each, :func:`vocab_from_parts` on the gathered parts."""
+    return vocab_from_parts(split, [vocab_part(split, max_captions, seed)], min_count, max_captions, seed, record)
 
 
 def steps_per_epoch(split: Split, captions_per_image: int, caption_mode: str, global_batch: int) -> int:

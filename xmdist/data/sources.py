@@ -9,7 +9,9 @@ by other tools, read where they lie:
 - a URL: ``pipe:CMD`` (the command writes the tar to stdout: object stores through their
   command-line tools, ``pipe:aws s3 cp s3://bucket/shard-{0000..0099}.tar -``), ``http(s)://``;
 - a list of these (one source), or several sources joined by ``::`` or given as a list of
-  ``{shards: ..., weight: ...}`` (weights: each source's share of the shards drawn in resampled mode).
+  ``{shards: ..., weight: ...}`` (weights, in resampled mode: by default open_clip's upsampling
+  factors, multiplying each of the source's shards' chance; with ``data.weight_mode: share`` each
+  source's share of the draws; see ``xmdist.data.webset.shard_weights``).
 
 Per-shard sample counts, first found: an ``_info.json`` index (``make_shards.py index``), an
 open_clip ``sizes.json`` beside the shards, img2dataset's ``NAME_stats.json`` per shard

@@ -75,12 +75,22 @@ def _even(total: int, n: int) -> tuple[int, ...]:
     return tuple(total // n + (i < total % n) for i in range(n))
 
 
+def shard_weights(sources: list[Source], mode: str = "upsampling") -> tuple[float, ...]:
+    """Each shard's relative chance in resampled draws. ``upsampling`` (open_clip's
+    ``--train-data-upsampling-factors``): the source's weight, so a source's share of the draws
+    is weight x its shards / the weighted total; ``share``: the weight split over the source's
+    shards, so its share is weight / the sum of weights, whatever its number of shards."""
+    if mode == "share":
+        return tuple(s.weight / len(s.urls) for s in sources for _ in s.urls)
+    return tuple(float(s.weight) for s in sources for _ in s.urls)
+
+
 def _split(name: str, sources: list[Source], fields: SampleFields, total: int = 0, weighted: bool = False,
-           count_missing: bool = False) -> Split:
+           count_missing: bool = False, weight_mode: str = "upsampling") -> Split:
     urls = tuple(u for s in sources for u in s.urls)
     if not urls:
         raise ShardError(f"{ROLES.get(name, name)}: no shards")
-    weights = tuple(s.weight / len(s.urls) for s in sources for _ in s.urls) if weighted else ()
+    weights = shard_weights(sources, weight_mode) if weighted else ()
     if len(sources) > 1:
         fields = SampleFields(fields.image_key, fields.caption_key, fields.captions_per_image,
                               tuple((u, i) for i, s in enumerate(sources) for u in s.urls),
@@ -137,7 +147,8 @@ def open_shards(d, override: str | None = None) -> ShardSet | WebShardSet:
     fields = SampleFields(d.image_key, d.caption_key, cpi, open_retries=d.open_retries, timeout_s=d.open_timeout_s)
     sources = parse_sources(d.shards, list(d.shard_weights))
     weighted = bool(d.shard_weights) or any(s.weight != 1.0 for s in sources)
-    splits: dict[str, Split | None] = {"train": _split(d.train_split, sources, fields, d.train_num_samples, weighted)}
+    splits: dict[str, Split | None] = {"train": _split(d.train_split, sources, fields, d.train_num_samples, weighted,
+                                                   weight_mode=d.weight_mode)}
     sample = first_raw_sample(splits["train"].paths[0], "data.shards", d.open_timeout_s)
     problem = fields.missing(sample)
     if problem:

@@ -12,9 +12,9 @@ from torch import nn
 from xmdist.config import ConfigError
 from xmdist.data.decode import IMAGE_KEYS, SampleDecoder
 from xmdist.data.info import ShardError, ShardSet
-from xmdist.data.loader import build_vocab
+from xmdist.data.loader import vocab_from_parts, vocab_part
 from xmdist.data.vocab import Vocab, pad_captions, tokenize
-from xmdist.dist import gather, on_main
+from xmdist.dist import gather, gather_objects, on_main
 from xmdist.io import write_json_atomic
 from xmdist.losses.contrastive import vse_loss
 from xmdist.methods.base import Method
@@ -23,31 +23,49 @@ log = logging.getLogger(__name__)
 
 
 def caption_vocab(cfg, shards: ShardSet, run_dir: Path, env, train: bool) -> Vocab:
-    """The run's ``vocab.json``: built from the training captions once (rank 0) or copied from
-    ``data.vocab``, then read by every rank; inference reads the run's."""
+    """The run's ``vocab.json``: copied from ``data.vocab``, or built from the training captions,
+    every rank reading its own disjoint part of the sample (``data.vocab_samples``) and rank 0
+    summing the word counts and writing ``vocab.json`` and ``vocab_sample.json`` (the shards and
+    captions each rank read); then read by every rank. Inference reads the run's."""
     path = Path(run_dir) / "vocab.json"
     if not train:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: not a run directory written by launch/train.py")
         return Vocab.load(path)
 
-    def build() -> None:
+    def existing() -> bool:
         if path.exists():
-            return
+            return True
         if cfg.data.vocab:
             Vocab.load(cfg.data.vocab).save(path)  # checks it is a vocabulary file
             log.info("vocabulary: %s -> %s", cfg.data.vocab, path)
-            return
-        split = shards.split(cfg.data.train_split)
-        record: dict = {}
-        vocab = build_vocab(split, cfg.data.min_word_count, cfg.data.vocab_samples, cfg.train.seed, record)
-        vocab.save(path)
-        write_json_atomic(path.with_name("vocab_sample.json"), record)  # which captions the words came from
-        log.info("vocabulary: %d words seen >= %d times in %d captions of '%s'%s -> %s", len(vocab),
-                 cfg.data.min_word_count, record["captions"], split.name,
-                 "" if record["complete"] else f" (a sample: data.vocab_samples={cfg.data.vocab_samples})", path)
+            return True
+        return False
 
-    on_main(build, env)
+    if not on_main(existing, env):
+        split = shards.split(cfg.data.train_split)
+        # every rank counts its own part of the sample (vocab_part), rank 0 sums them
+        try:
+            part, error = vocab_part(split, cfg.data.vocab_samples, cfg.train.seed, env.rank, env.world_size), None
+        except Exception as e:  # raised below on every rank, so that none waits for a failed one
+            part, error = None, (type(e), str(e))
+        parts = gather_objects((part, error))
+        failed = next((err for _, err in parts if err is not None), None)
+        if failed is not None:
+            raise failed[0](failed[1])
+
+        def build() -> None:
+            record: dict = {}
+            vocab = vocab_from_parts(split, [p for p, _ in parts], cfg.data.min_word_count, cfg.data.vocab_samples,
+                                     cfg.train.seed, record)
+            vocab.save(path)
+            write_json_atomic(path.with_name("vocab_sample.json"), record)  # which captions the words came from
+            log.info("vocabulary: %d words seen >= %d times in %d captions of '%s' read by %d rank(s)%s -> %s",
+                     len(vocab), cfg.data.min_word_count, record["captions"], split.name, len(parts),
+                     "" if record["complete"] else f" (a sample: data.vocab_samples={cfg.data.vocab_samples})",
+                     path)
+
+        on_main(build, env)
     return Vocab.load(path)
 
 
