@@ -23,6 +23,19 @@ def make_synthetic(out: Path, num: int = 360, val: int = 40, test: int = 40, per
     return out
 
 
+@pytest.fixture(autouse=True)
+def _no_rendezvous_leak():
+    """A tool run in-process sets MASTER_ADDR/MASTER_PORT in this process: restore them, so that
+    later subprocesses do not inherit a port that a finished (or killed) job held."""
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """280 train (7 shards), 40 val, 40 test samples of 32 px."""

@@ -152,6 +152,25 @@ def test_watchdog_dumps_stacks_and_exits(tiny_shards, tmp_path):
     assert "most recent call first" in out and "in after_step" in out  # rank 1's stack shows where it hangs
 
 
+def test_one_process_ignores_an_inherited_port_that_is_taken():
+    """A single process started without a launcher (tools, the first job of a test) keeps its
+    rendezvous store in memory, even when MASTER_PORT inherited from a parent names a port that
+    another process (or a killed job's lingering socket) holds: no EADDRINUSE."""
+    code = ("import torch, torch.distributed as dist\n"
+            "from xmdist.dist import DistEnv, init_distributed, destroy_distributed\n"
+            "init_distributed(DistEnv.from_environ(device='cpu'), 60)\n"
+            "t = torch.ones(1); dist.all_reduce(t); assert t.item() == 1.0\n"
+            "destroy_distributed(); print('ok')\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(held.getsockname()[1]))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_second_job_on_the_same_run_directory_is_refused(tiny_shards, tmp_path):
     """Two jobs on one --out: the second exits 2 naming the first (host, pid, start) and writes

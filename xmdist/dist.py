@@ -104,12 +104,14 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
     if "MASTER_ADDR" not in os.environ:
         nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
         os.environ["MASTER_ADDR"] = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
-    alone = False  # one process started without a launcher: no rendezvous, no port to race for
+    # One process started without a launcher needs no rendezvous and no port to race for, even
+    # when MASTER_PORT is inherited from a parent (a stale port may still be held by a killed job).
+    alone = env.world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ
     if "MASTER_PORT" not in os.environ:
         if env.world_size > 1 and "SLURM_JOB_ID" in os.environ:
             os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
         elif env.world_size == 1:
-            os.environ["MASTER_PORT"], alone = str(_free_port()), True  # for libraries that read it
+            os.environ["MASTER_PORT"] = str(_free_port())  # for libraries that read it
         else:
             raise RuntimeError("MASTER_PORT is not set: launch with torchrun or srun, or export it")
     timeout = datetime.timedelta(seconds=timeout_s)
