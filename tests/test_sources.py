@@ -317,13 +317,31 @@ def test_ranks_read_disjoint_parts_of_the_vocabulary_sample(i2d):
     assert [r["shards"] for _, r in bounded] != [r["shards"] for _, r in (vocab_part(split, 61, 6, r, 2) for r in range(2))]
 
 
+def test_workers_of_a_rank_read_disjoint_parts_of_the_vocabulary_sample(i2d):
+    """Two worker processes per rank: together the readers cover the shards once, read whole they
+    give the counts of one reader, and a bounded sample is still split into exact shares."""
+    root, written = i2d
+    split = open_shards(_data(shards=str(root))).split("train")
+    whole, _ = vocab_part(split)
+    parts = [vocab_part(split, 0, 0, r, 2, workers=2) for r in range(2)]
+    assert sum((c for c, _ in parts), Counter()) == whole
+    assert sorted(p for _, r in parts for p in r["shards"]) == sorted(split.paths)
+    assert [r["workers"] for _, r in parts] == [2, 2] and all(r["complete"] for _, r in parts)
+    bounded = [vocab_part(split, 61, 5, r, 2, workers=2) for r in range(2)]
+    assert [r["captions"] for _, r in bounded] == [31, 30]  # 16 + 15, 15 + 15 over four readers
+    assert not set(bounded[0][1]["shards"]) & set(bounded[1][1]["shards"])
+    assert bounded == [vocab_part(split, 61, 5, r, 2, workers=2) for r in range(2)]
+    assert vocab_part(split, 0, 0, 0, 1, workers=50)[1]["workers"] == len(split.paths)  # at most one per shard
+
+
 def _vocab_on_ranks(rank: int, world: int, shards: str, run_dir: str) -> None:
     from types import SimpleNamespace
 
     from xmdist.dist import DistEnv
     from xmdist.methods.captions import caption_vocab
 
-    cfg = SimpleNamespace(data=SimpleNamespace(vocab="", train_split="train", min_word_count=1, vocab_samples=0),
+    cfg = SimpleNamespace(data=SimpleNamespace(vocab="", train_split="train", min_word_count=1, vocab_samples=0,
+                                               num_workers=2),
                           train=SimpleNamespace(seed=0))
     vocab = caption_vocab(cfg, open_shards(_data(shards=shards)), Path(run_dir), DistEnv(rank=rank, world_size=world),
                           True)

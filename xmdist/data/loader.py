@@ -20,11 +20,13 @@ travel with each batch (``skipped``). Evaluation leaves undecodable samples out 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
 import signal
 import tarfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -283,19 +285,42 @@ class TrainStream(IterableDataset):
             epoch, first = epoch + 1, 0
 
 
-def vocab_part(split: Split, max_captions: int = 0, seed: int = 0, rank: int = 0,
-               world: int = 1) -> tuple[Counter, dict]:
+def vocab_part(split: Split, max_captions: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
+               workers: int = 1) -> tuple[Counter, dict]:
     """Word counts of rank ``rank``'s part of the vocabulary sample, and what it read.
 
     Shards are taken in a seeded random order when ``max_captions`` > 0 (a web-scale set is never
-    scanned whole), in the split's order otherwise; rank ``r`` of ``world`` reads shards ``r``,
-    ``r + world``, ... of that order, until its share of ``max_captions`` was counted (the shares
-    sum to ``max_captions``). Read whole, the parts of any number of ranks sum to the same counts."""
+    scanned whole), in the split's order otherwise. The pass has ``world x workers`` readers:
+    worker ``w`` of rank ``r`` is reader ``k = r * workers + w`` and reads shards ``k``,
+    ``k + world * workers``, ... of that order, until its share of ``max_captions`` was counted
+    (the shares sum to ``max_captions``); ``workers`` > 1 reads them in that many processes. Read
+    whole, the parts sum to the same counts for any number of ranks and workers."""
+    workers = max(1, min(workers, len(split.paths[rank::world]) or 1))
+    readers = [rank * workers + w for w in range(workers)]
+    if workers == 1:
+        parts = [_vocab_reader(split, max_captions, seed, rank, world)]
+    else:
+        # forked like the loader's workers; each returns its counts (a Counter pickles)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_vocab_reader, *zip(*[(split, max_captions, seed, k, world * workers)
+                                                       for k in readers])))
+    counts: Counter = Counter()
+    for part, _ in parts:
+        counts.update(part)
+    records = [r for _, r in parts]
+    record = dict(rank=rank, samples=sum(r["samples"] for r in records), captions=sum(r["captions"] for r in records),
+                  shards=[p for r in records for p in r["shards"]], complete=all(r["complete"] for r in records),
+                  workers=workers)
+    return counts, record
+
+
+def _vocab_reader(split: Split, max_captions: int, seed: int, reader: int, readers: int) -> tuple[Counter, dict]:
+    """Reader ``reader`` of ``readers``: its shards of the (seeded) order and its share of the budget."""
     order = list(split.paths)
     if max_captions:
         _rng(seed, "vocab").shuffle(order)
-    mine = order[rank::world]
-    budget = max_captions // world + (rank < max_captions % world) if max_captions else 0
+    mine = order[reader::readers]
+    budget = max_captions // readers + (reader < max_captions % readers) if max_captions else 0
     counts: Counter = Counter()
     read, counted, used = 0, 0, []
     for path in mine:
@@ -313,7 +338,7 @@ def vocab_part(split: Split, max_captions: int = 0, seed: int = 0, rank: int = 0
             counts.update(w for c in caps for w in tokenize(c))
             if max_captions and counted >= budget:
                 break
-    record = dict(rank=rank, samples=read, captions=counted, shards=used,
+    record = dict(samples=read, captions=counted, shards=used,
                   complete=len(used) == len(mine) and not (max_captions and counted >= budget))
     return counts, record
 
@@ -330,7 +355,7 @@ def vocab_from_parts(split: Split, parts: list[tuple[Counter, dict]], min_count:
     if record is not None:
         record.update(split=split.name, samples=read, captions=counted, max_captions=max_captions, seed=seed,
                       complete=all(r["complete"] for r in ranks), shards=[p for r in ranks for p in r["shards"]],
-                      ranks=[{k: r[k] for k in ("samples", "captions", "shards")} for r in ranks])
+                      ranks=[{k: r[k] for k in ("samples", "captions", "shards", "workers") if k in r} for r in ranks])
     if read == 0:
         raise ShardError(f"split '{split.name}' has no readable sample in its {len(split.paths)} shard(s) (see the "
                          f"warnings above): the files are empty or damaged; rewrite them with launch/make_shards.py")

@@ -44,9 +44,11 @@ def caption_vocab(cfg, shards: ShardSet, run_dir: Path, env, train: bool) -> Voc
 
     if not on_main(existing, env):
         split = shards.split(cfg.data.train_split)
-        # every rank counts its own part of the sample (vocab_part), rank 0 sums them
+        # every rank counts its own part of the sample (vocab_part, in its loader's number of worker
+        # processes), rank 0 sums them
         try:
-            part, error = vocab_part(split, cfg.data.vocab_samples, cfg.train.seed, env.rank, env.world_size), None
+            part, error = vocab_part(split, cfg.data.vocab_samples, cfg.train.seed, env.rank, env.world_size,
+                                     cfg.data.num_workers), None
         except Exception as e:  # raised below on every rank, so that none waits for a failed one
             part, error = None, (type(e), str(e))
         parts = gather_objects((part, error))
