@@ -332,6 +332,8 @@ def test_workers_of_a_rank_read_disjoint_parts_of_the_vocabulary_sample(i2d):
     assert not set(bounded[0][1]["shards"]) & set(bounded[1][1]["shards"])
     assert bounded == [vocab_part(split, 61, 5, r, 2, workers=2) for r in range(2)]
     assert vocab_part(split, 0, 0, 0, 1, workers=50)[1]["workers"] == len(split.paths)  # at most one per shard
+    uneven = [vocab_part(split, 0, 0, r, 4, workers=2)[1]["shards"] for r in range(4)]  # shares of 2, 2, 1, 1
+    assert sorted(p for shards in uneven for p in shards) == sorted(split.paths)  # every shard once
 
 
 def _vocab_on_ranks(rank: int, world: int, shards: str, run_dir: str) -> None:

@@ -295,15 +295,17 @@ def vocab_part(split: Split, max_captions: int = 0, seed: int = 0, rank: int = 0
     ``k + world * workers``, ... of that order, until its share of ``max_captions`` was counted
     (the shares sum to ``max_captions``); ``workers`` > 1 reads them in that many processes. Read
     whole, the parts sum to the same counts for any number of ranks and workers."""
-    workers = max(1, min(workers, len(split.paths[rank::world]) or 1))
-    readers = [rank * workers + w for w in range(workers)]
+    # the same number on every rank (at most one reader per shard of the smallest rank's share),
+    # or the readers of two ranks would overlap
+    workers = max(1, min(workers, len(split.paths) // world))
+    readers = range(rank * workers, (rank + 1) * workers)
     if workers == 1:
         parts = [_vocab_reader(split, max_captions, seed, rank, world)]
     else:
         # forked like the loader's workers; each returns its counts (a Counter pickles)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(_vocab_reader, *zip(*[(split, max_captions, seed, k, world * workers)
-                                                       for k in readers])))
+            parts = list(pool.map(_vocab_reader, [split] * workers, [max_captions] * workers, [seed] * workers,
+                                  readers, [world * workers] * workers))
     counts: Counter = Counter()
     for part, _ in parts:
         counts.update(part)
@@ -355,7 +357,7 @@ def vocab_from_parts(split: Split, parts: list[tuple[Counter, dict]], min_count:
     if record is not None:
         record.update(split=split.name, samples=read, captions=counted, max_captions=max_captions, seed=seed,
                       complete=all(r["complete"] for r in ranks), shards=[p for r in ranks for p in r["shards"]],
-                      ranks=[{k: r[k] for k in ("samples", "captions", "shards", "workers") if k in r} for r in ranks])
+                      ranks=[{k: r[k] for k in ("samples", "captions", "shards", "workers")} for r in ranks])
     if read == 0:
         raise ShardError(f"split '{split.name}' has no readable sample in its {len(split.paths)} shard(s) (see the "
                          f"warnings above): the files are empty or damaged; rewrite them with launch/make_shards.py")
