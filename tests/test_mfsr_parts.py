@@ -83,14 +83,20 @@ def test_feature_separation_orthogonal_init_keeps_the_feature_scale():
 def test_residual_separation_starts_as_the_feature():
     torch.manual_seed(0)
     x = torch.randn(6, 32)
-    sep = FeatureSeparation(32, 32, residual=True)
+    sep = FeatureSeparation(32, 32, residual="all")
     for v in sep(x).values():  # heads at zero: every part is the normalised feature
         torch.testing.assert_close(v, F.normalize(x, dim=-1))
     loss = sep(x)["se"].sum() + 0.0
     loss.backward()
     assert sep.heads["se"].weight.grad.abs().sum() > 0  # the correction learns from step 0
+    only_se = FeatureSeparation(32, 32, residual="se")(x)  # mo and sp: the paper's heads
+    torch.testing.assert_close(only_se["se"], F.normalize(x, dim=-1))
+    for p in ("mo", "sp"):
+        assert (only_se[p] - F.normalize(x, dim=-1)).abs().max() > 0.1
     with pytest.raises(ValueError, match="part size"):
-        FeatureSeparation(32, 16, residual=True)
+        FeatureSeparation(32, 16, residual="se")
+    with pytest.raises(ValueError, match="none, se, all"):
+        FeatureSeparation(32, 32, residual=True)
 
 
 def test_feature_separation_refuses_an_unknown_trunk():

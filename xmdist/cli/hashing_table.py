@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.report:
         entries = json.loads(Path(a.results).read_text())
-        for table in ("hashing", "sgrn_ablation", "cmfah_ablation"):
+        tables = dict.fromkeys(e["table"] for e in entries if e["method"] in ABLATIONS or e["bits"] is not None)
+        for table in tables:  # every table of hashing rows, in the order RESULTS.json holds them
             rows = [e for e in entries if e["table"] == table]
             if rows:
                 print(f"\n{table}\n\n{entries_table(rows)}")

@@ -38,7 +38,9 @@ class MFSRModelConfig(VSEModelConfig):
     decoder_hidden: int = 512
     sep_trunk: str = "relu"  # separation trunk: relu (the paper's MLP) | leaky | linear
     sep_init: str = "default"  # separation layers' init: default (torch's) | orthogonal (zero biases)
-    sep_residual: bool = False  # parts = normalize(feature + head(trunk(feature))), heads started at 0
+    # parts computed as normalize(feature + head(trunk(feature))), heads started at 0: none (the
+    # paper's MLP) | se (the retrieval part only) | all
+    sep_residual: str = "none"
 
     def validate(self) -> None:
         super().validate()
@@ -46,7 +48,9 @@ class MFSRModelConfig(VSEModelConfig):
               f"must be one of {', '.join(FeatureSeparation.TRUNKS)}")
         check(self.sep_init in FeatureSeparation.INITS, "model.sep_init",
               f"must be one of {', '.join(FeatureSeparation.INITS)}")
-        check(not self.sep_residual or self.embed_dim == self.feature_dim, "model.sep_residual",
+        check(self.sep_residual in FeatureSeparation.RESIDUALS, "model.sep_residual",
+              f"must be one of {', '.join(FeatureSeparation.RESIDUALS)}")
+        check(self.sep_residual == "none" or self.embed_dim == self.feature_dim, "model.sep_residual",
               f"needs model.embed_dim ({self.embed_dim}) = model.feature_dim ({self.feature_dim})")
         check(self.feature_dim >= 1, "model.feature_dim", "must be >= 1")
         check(self.recon_size in (32, 64), "model.recon_size", "must be 32 or 64")
@@ -61,13 +65,16 @@ class MFSRLossConfig(VSELossConfig):
     w_sp: float = 1.0
     w_img: float = 1.0  # L_G (needs model.image_recon)
     w_cap: float = 1.0  # L_cap (needs model.caption_recon)
+    # pixel L1 of G's reconstruction against the target image, added to L_G's weight: 0 is the
+    # paper's L_G (adversarial + feature matching only)
+    w_pix: float = 0.0
     delta: float = 1.0  # margin between the two modality means
     feature_matching: float = 1.0  # beta in L_G
     d_optim: OptimConfig = field(default_factory=discriminator_optim)
 
     def validate(self) -> None:
         super().validate()
-        for k in ("w_mo", "w_sp", "w_img", "w_cap", "delta", "feature_matching"):
+        for k in ("w_mo", "w_sp", "w_img", "w_cap", "w_pix", "delta", "feature_matching"):
             check(getattr(self, k) >= 0, f"loss.{k}", "must be >= 0")
         self.d_optim.validate()
 
@@ -138,8 +145,9 @@ class MFSR(CaptionMethod):
             terms["img"] = self._share(generator_loss(f_fake["logits"], d2(torch.cat([x, fake], 1))["logits"],
                                                       f_real["features"].detach(), f_fake["features"],
                                                       c.feature_matching))
-            terms["img_l1"] = self._share(F.l1_loss(fake.detach(), x))  # monitoring only
-            total = total + c.w_img * terms["img"]
+            l1 = self._share(F.l1_loss(fake, x))
+            terms["img_l1"] = l1.detach()
+            total = total + c.w_img * terms["img"] + c.w_pix * l1
         if m.caption_recon:
             terms["cap"] = self._share(caption_loss(out["cap_logits"], batch["tokens"]))
             total = total + c.w_cap * terms["cap"]

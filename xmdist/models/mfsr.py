@@ -36,20 +36,25 @@ class FeatureSeparation(nn.Module):
     orthogonal map with zero bias, so the feature reaches the heads at its own scale and a step
     of Adam changes each layer relatively less.
 
-    ``residual``: each part is ``normalize(x + head(trunk(x)))`` with the heads started at zero
-    (needs ``dim == in_dim``): at step 0 the semantic part is the encoder feature itself, as in
-    VSE++, and the separation learns a correction to it.
+    ``residual`` names the parts computed as ``normalize(x + head(trunk(x)))``, their heads
+    started at zero (needs ``dim == in_dim``): ``"none"`` (the paper's MLP), ``"se"`` (the
+    retrieval part only: at step 0 it is the encoder feature itself, as in VSE++, and the
+    separation learns a correction to it, while ``mo`` and ``sp`` stay free to move away from
+    the feature, which their losses ask of them) or ``"all"``.
     """
 
     TRUNKS = ("relu", "leaky", "linear")
     INITS = ("default", "orthogonal")
+    RESIDUALS = {"none": (), "se": ("se",), "all": PARTS}
 
     def __init__(self, in_dim: int, dim: int, hidden: int | None = None, trunk: str = "relu", init: str = "default",
-                 residual: bool = False):
+                 residual: str = "none"):
         super().__init__()
-        if residual and dim != in_dim:
+        if residual not in self.RESIDUALS:
+            raise ValueError(f"separation residual must be one of {', '.join(self.RESIDUALS)}, got {residual!r}")
+        self.residual = self.RESIDUALS[residual]
+        if self.residual and dim != in_dim:
             raise ValueError(f"a residual separation needs the part size ({dim}) to equal the feature size ({in_dim})")
-        self.residual = residual
         if trunk not in self.TRUNKS:
             raise ValueError(f"separation trunk must be one of {', '.join(self.TRUNKS)}, got {trunk!r}")
         hidden = hidden or in_dim
@@ -62,17 +67,15 @@ class FeatureSeparation(nn.Module):
             for layer in (self.trunk[0], *self.heads.values()):
                 nn.init.orthogonal_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        if residual:
-            for head in self.heads.values():
-                nn.init.zeros_(head.weight)
-                nn.init.zeros_(head.bias)
+        for p in self.residual:
+            nn.init.zeros_(self.heads[p].weight)
+            nn.init.zeros_(self.heads[p].bias)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.to(self.trunk[0].weight.dtype)
         h = self.trunk(x)
-        if self.residual:
-            return {p: F.normalize((x + head(h)).float(), dim=-1) for p, head in self.heads.items()}
-        return {p: F.normalize(head(h).float(), dim=-1) for p, head in self.heads.items()}
+        return {p: F.normalize((x + head(h) if p in self.residual else head(h)).float(), dim=-1)
+                for p, head in self.heads.items()}
 
 
 def _doublings(size: int, name: str) -> int:
@@ -223,7 +226,7 @@ class MFSRModel(nn.Module):
                  finetune: bool = True, image_recon: bool = True, caption_recon: bool = True,
                  image_size: int = 64, ngf: int = 64, decoder_hidden: int = 1024,
                  decoder_layers: int = 1, sep_trunk: str = "relu",
-                 sep_init: str = "default", sep_residual: bool = False):
+                 sep_init: str = "default", sep_residual: str = "none"):
         super().__init__()
         self.image = ImageEncoder(backbone, embed_dim, weights, finetune)
         self.text = TextEncoder(vocab_size, word_dim, embed_dim, text_layers)
