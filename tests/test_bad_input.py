@@ -223,6 +223,7 @@ def test_incompatible_resume_is_refused(base_run, tiny_shards, tmp_path, case):
                    "data changed")
     else:
         config = "configs/mfsr_synthetic.yaml"
+        sets.append("model.feature_dim=32")  # the tests' embed_dim: mFSR's residual `se` needs them equal
         message = f"error: method: differs from the run being resumed in {run} (vsepp != mfsr); use a new --out"
     before = snapshot(run)
     proc = train(tiny_shards, run, *sets, config=config, nproc=1, check=False)
