@@ -145,9 +145,9 @@ class MFSR(CaptionMethod):
             terms["img"] = self._share(generator_loss(f_fake["logits"], d2(torch.cat([x, fake], 1))["logits"],
                                                       f_real["features"].detach(), f_fake["features"],
                                                       c.feature_matching))
-            l1 = self._share(F.l1_loss(fake, x))
+            l1 = self._share(F.l1_loss(fake if c.w_pix else fake.detach(), x))  # w_pix 0: monitoring only
             terms["img_l1"] = l1.detach()
-            total = total + c.w_img * terms["img"] + c.w_pix * l1
+            total = total + c.w_img * terms["img"] + (c.w_pix * l1 if c.w_pix else 0.0)
         if m.caption_recon:
             terms["cap"] = self._share(caption_loss(out["cap_logits"], batch["tokens"]))
             total = total + c.w_cap * terms["cap"]
