@@ -76,6 +76,33 @@ def test_pixel_term_adds_its_weighted_l1_and_trains_the_generator(tiny_shards, t
     assert got["grad"] > 0
 
 
+def _aux_worker(rank, world, shards, run_dir, out_path):
+    from xmdist.train.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs/mfsr_synthetic.yaml", [*TINY, f"data.shards={shards}", "loss.warmup_epochs=2"])
+    trainer = Trainer(cfg, DistEnv(), run_dir, resume="none")
+    batch = next(iter(trainer.loader()))
+    batch.pop("skipped")
+    out = trainer.method.forward(trainer.nets, batch)
+    got = {}
+    for scale in (1.0, 0.25):
+        cfg.loss.aux_max_violation = scale
+        for epoch in (1, 2):  # warm-up (sum of hinges), then max violation
+            terms = trainer.method.model_loss(trainer.nets, batch, out, epoch)
+            got[f"{scale}/{epoch}"] = torch.stack([terms["loss"], terms["se"]]).detach()
+    torch.save(got, out_path)
+
+
+def test_auxiliary_terms_are_scaled_only_under_max_violation(tiny_shards, tmp_path):
+    run_distributed(_aux_worker, 1, str(tiny_shards), str(tmp_path / "run"), str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.testing.assert_close(got["0.25/1"], got["1.0/1"])  # warm-up: the paper's weights
+    full, scaled = got["1.0/2"], got["0.25/2"]
+    torch.testing.assert_close(scaled[1], full[1])  # L_se itself is untouched
+    assert full[0] - full[1] > 1e-3
+    torch.testing.assert_close(scaled[0] - scaled[1], 0.25 * (full[0] - full[1]))
+
+
 def test_ddp_and_deepspeed_losses_match(tiny_shards, tmp_path):
     sets = [*TINY, "train.max_steps=3", "train.log_every=1", "data.num_workers=1"]
     runs = {}

@@ -4,8 +4,9 @@ Networks: ``model`` (encoders, separation heads, generator G, caption decoder; o
 and, with image reconstruction, the discriminators ``d1`` (real/fake) and ``d2`` (pair
 consistency), each with its own optimizer (DCGAN Adam, betas (0.5, 0.999)). One step: the
 model's forward once; D1 and D2 are updated on the detached fakes; then the model is updated
-with ``L = L_se + w_mo L_mo + w_sp L_sp + w_img L_G + w_cap L_cap``, the discriminators entering
-L_G as frozen functions (no gradient reaches their weights). Every term has a switch, so each
+with ``L = L_se + s (w_mo L_mo + w_sp L_sp + w_img L_G + w_cap L_cap)``, the discriminators
+entering L_G as frozen functions (no gradient reaches their weights); ``s`` is 1 during the
+hinge's warm-up and ``loss.aux_max_violation`` after it (1, the paper's form, by default). Every term has a switch, so each
 ablation row of the paper (base / +mo&sp / +img-re / +cap-re / all) is one config.
 """
 from __future__ import annotations
@@ -68,13 +69,17 @@ class MFSRLossConfig(VSELossConfig):
     # pixel L1 of G's reconstruction against the target image, added to L_G's weight: 0 is the
     # paper's L_G (adversarial + feature matching only)
     w_pix: float = 0.0
+    # multiplier on every term but L_se once the hinge turns to max violation: the summed hinge
+    # falls about 20-50x there, and with the gradient clipped at every step the other terms'
+    # share of each step would grow by as much. 1 is the paper's form (constant weights).
+    aux_max_violation: float = 1.0
     delta: float = 1.0  # margin between the two modality means
     feature_matching: float = 1.0  # beta in L_G
     d_optim: OptimConfig = field(default_factory=discriminator_optim)
 
     def validate(self) -> None:
         super().validate()
-        for k in ("w_mo", "w_sp", "w_img", "w_cap", "w_pix", "delta", "feature_matching"):
+        for k in ("w_mo", "w_sp", "w_img", "w_cap", "w_pix", "delta", "feature_matching", "aux_max_violation"):
             check(getattr(self, k) >= 0, f"loss.{k}", "must be >= 0")
         self.d_optim.validate()
 
@@ -131,13 +136,14 @@ class MFSR(CaptionMethod):
         terms = {"se": self.hinge(v_se, l_se, batch["image_ids"], epoch)}
         total = terms["se"]
         big_n = n * self.env.world_size
+        s = c.aux_max_violation if c.max_violation and epoch >= c.warmup_epochs else 1.0
         if c.modality:
             terms["mo"] = modality_loss(out["img_mo"], out["txt_mo"], gather(out["img_mo"], grad=True),
                                         gather(out["txt_mo"], grad=True), c.delta)
-            total = total + c.w_mo * terms["mo"]
+            total = total + s * c.w_mo * terms["mo"]
         if c.specific:
             terms["sp"] = specific_loss(v_se, out["img_sp"], l_se, out["txt_sp"], big_n)
-            total = total + c.w_sp * terms["sp"]
+            total = total + s * c.w_sp * terms["sp"]
         if m.image_recon:
             x, fake = self._real(batch), out["fake"]
             d1, d2 = frozen(nets["d1"].module), frozen(nets["d2"].module)
@@ -147,10 +153,10 @@ class MFSR(CaptionMethod):
                                                       c.feature_matching))
             l1 = self._share(F.l1_loss(fake if c.w_pix else fake.detach(), x))  # w_pix 0: monitoring only
             terms["img_l1"] = l1.detach()
-            total = total + c.w_img * terms["img"] + (c.w_pix * l1 if c.w_pix else 0.0)
+            total = total + s * (c.w_img * terms["img"] + (c.w_pix * l1 if c.w_pix else 0.0))
         if m.caption_recon:
             terms["cap"] = self._share(caption_loss(out["cap_logits"], batch["tokens"]))
-            total = total + c.w_cap * terms["cap"]
+            total = total + s * c.w_cap * terms["cap"]
         # DDP (and ZeRO) expect every parameter to get a gradient each step; switched-off terms
         # leave the mo/sp heads out of the graph, so they enter with weight zero instead.
         total = total + 0.0 * sum(out[k].sum() for k in ("img_mo", "txt_mo", "img_sp", "txt_sp"))
