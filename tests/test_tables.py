@@ -7,8 +7,8 @@ import pytest
 
 from xmdist.cli.ablate import table_row
 from xmdist.cli.hashing_table import table_rows
-from xmdist.tools.tables import (Row, entries_table, hashing_table, mean_std, mfsr_table, result_entry, run_rows,
-                                 update_results_json)
+from xmdist.tools.tables import (Row, config_digest, entries_table, hashing_table, mean_std, mfsr_table,
+                                 result_entry, run_rows, update_results_json)
 
 
 def _fake_train(calls):
@@ -28,6 +28,8 @@ def test_rows_run_per_seed_resume_and_aggregate(tmp_path):
     rows = table_rows(["sgrn"], [16, 64], "rho0", ["train.epochs=1"])
     assert [r.key for r in rows] == ["sgrn16", "sgrn64", "sgrn64_rho0"]
     assert rows[2].row == "sgrn_ablation_rho0" and rows[2].bits == 64 and rows[0].row == "full"
+    other = table_rows(["djsrh"], [32], "none", [], table="hashing_other_features")
+    assert [(r.table, r.key) for r in other] == [("hashing_other_features", "djsrh32")]
     calls, lines = [], []
     results = run_rows(rows, [0, 1, 2], tmp_path, 2, train=_fake_train(calls), log=lines.append)
     assert len(calls) == 9 and len(lines) == 9 and lines[0].startswith("[1/9] sgrn16 seed 0")
@@ -51,7 +53,8 @@ def test_result_entry_and_results_json_merge(tmp_path):
     e = result_entry(row, res, 2, sha="abc1234")
     assert e == {"table": "hashing", "method": "sgrn", "row": "full", "bits": 16, "seeds": [0, 1],
                  "metrics": {"map_i2t": [0.5, 0.6], "map_t2i": [0.4, 0.4], "chance": 0.3},
-                 "config": "configs/sgrn_synthetic.yaml", "overrides": ["model.bits=16"],
+                 "config": "configs/sgrn_synthetic.yaml", "config_digest": config_digest("sgrn_synthetic"),
+                 "overrides": ["model.bits=16"],
                  "budget": {"steps": 7, "processes": 2, "wall_s_per_run": 60}, "commit": "abc1234"}
     path = tmp_path / "RESULTS.json"
     other = {**e, "method": "djsrh"}
@@ -70,6 +73,16 @@ def test_result_entry_and_results_json_merge(tmp_path):
     assert json.loads(path.read_text())[1]["seeds"] == [1, 2]
     table = entries_table(json.loads(path.read_text()))
     assert "| SGRN | full | 16 | 0.8000 ± 0.1414 |" in table and "| DJSRH | full | 16 | 0.5500 ± 0.0707 |" in table
+    # the same path after an edit of the config file is another setting too; an entry written
+    # before digests were recorded merges by path
+    first = {k: v[:1] if isinstance(v, list) else v for k, v in longer["metrics"].items()}
+    edited = {**longer, "seeds": [3], "metrics": first}
+    update_results_json(path, [{**edited, "config_digest": "0" * 12}])
+    assert json.loads(path.read_text())[1]["seeds"] == [3]
+    legacy = {k: v for k, v in longer.items() if k != "config_digest"}
+    update_results_json(path, [legacy])
+    update_results_json(path, [edited])
+    assert json.loads(path.read_text())[1]["seeds"] == [1, 2, 3]
 
 
 def test_mean_std_and_mfsr_rows():

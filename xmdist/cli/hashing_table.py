@@ -31,8 +31,9 @@ ABLATIONS = {"sgrn": ("sgrn_ablation", ABLATION_NAMES, "nogate,now,rho0,eta0,v1"
              "cmfah": ("cmfah_ablation", CMFAH_ABLATIONS, "ca,ia,ta")}
 
 
-def table_rows(methods: list[str], bits: list[int], ablations: str, overrides: list[str]) -> list[Row]:
-    rows = [Row("hashing", m, "full", f"{m}_synthetic", (f"model.bits={b}", *overrides), bits=b)
+def table_rows(methods: list[str], bits: list[int], ablations: str, overrides: list[str],
+               table: str = "hashing") -> list[Row]:
+    rows = [Row(table, m, "full", f"{m}_synthetic", (f"model.bits={b}", *overrides), bits=b)
             for m in methods for b in bits]
     for m in methods:
         if m not in ABLATIONS or ablations == "none":
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every row's train.py")
     p.add_argument("--reuse-recorded", action="store_true", help=REUSE_HELP)
+    p.add_argument("--table", default="hashing",
+                   help="RESULTS.json table of the code-length rows (another feature set: another table)")
+    p.add_argument("--data", default="", help="a note on the data, stored in each entry (e.g. which features)")
     p.add_argument("--report", action="store_true",
                    help="train nothing: print the hashing tables of --results (mean ± std per row)")
     a = p.parse_args(argv)
@@ -81,12 +85,13 @@ def main(argv=None) -> int:
     known = {*ABLATION_NAMES, *CMFAH_ABLATIONS}
     if a.ablations not in ("default", "none") and not set(a.ablations.split(",")) <= known:
         p.error(f"unknown ablation(s) {sorted(set(a.ablations.split(',')) - known)}; known: {', '.join(sorted(known))}")
-    rows = table_rows(methods, [int(b) for b in a.bits.split(",")], a.ablations, a.overrides)
+    rows = table_rows(methods, [int(b) for b in a.bits.split(",")], a.ablations, a.overrides, a.table)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     def record(row, res):  # after every run: a table cut short keeps what it measured
         if a.results != "none":
-            update_results_json(Path(a.results), [result_entry(row, res, a.nproc)])
+            entry = result_entry(row, res, a.nproc)
+            update_results_json(Path(a.results), [{**entry, "data": a.data} if a.data else entry])
     results = run_rows(rows, a.seeds, out, a.nproc, on_result=record,
                        recorded=load_recorded(a.results, a.reuse_recorded))
     text = hashing_table(rows, results)

@@ -14,6 +14,7 @@ finished and is read, not re-run, so an interrupted table resumes where it stopp
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -64,6 +65,20 @@ def torchrun(config: Path, run_dir: Path, overrides: Sequence[str], nproc: int) 
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc))})
 
 
+def config_digest(config: str) -> str:
+    """A short hash of ``configs/<config>.yaml`` as read (its ``base`` chain merged in): an edit of
+    the config file makes its rows another setting, though the path stays the same."""
+    from xmdist.config import read_yaml
+
+    tree = read_yaml(ROOT / "configs" / f"{config}.yaml")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _same_config(entry: dict, path: str, digest: str | None) -> bool:
+    """Entries written before digests were recorded compare by path alone."""
+    return entry["config"] == path and (digest is None or entry.get("config_digest", digest) == digest)
+
+
 def run_dir(out: Path, row: Row, seed: int) -> Path:
     return out / row.key / f"seed{seed}"
 
@@ -73,7 +88,8 @@ def recorded_result(entries: Sequence[dict], row: Row, seed: int, nproc: int) ->
     overrides, processes) holds it, in the form of a run's eval.json, or None."""
     for e in entries:
         if ((e["table"], e["method"], e["row"], e["bits"]) != (row.table, row.method, row.row, row.bits)
-                or e["config"] != f"configs/{row.config}.yaml" or e["overrides"] != list(row.overrides)
+                or not _same_config(e, f"configs/{row.config}.yaml", config_digest(row.config))
+                or e["overrides"] != list(row.overrides)
                 or e["budget"]["processes"] != nproc or seed not in e["seeds"]):
             continue
         i = e["seeds"].index(seed)
@@ -214,7 +230,8 @@ def result_entry(row: Row, results: Sequence[dict], nproc: int, sha: str | None 
         metrics["chance"] = results[0]["chance"]
     entry = {"table": row.table, "method": row.method, "row": row.row, "bits": row.bits,
             "seeds": [r["seed"] for r in results], "metrics": metrics,
-            "config": f"configs/{row.config}.yaml", "overrides": list(row.overrides),
+            "config": f"configs/{row.config}.yaml", "config_digest": config_digest(row.config),
+            "overrides": list(row.overrides),
             "budget": {"steps": results[0].get("step"), "processes": nproc,
                        "wall_s_per_run": round(sum(r["wall_s"] for r in results) / len(results))}}
     commits = [sha or r.get("commit") or commit() for r in results]  # each run's, taken when it started
@@ -229,8 +246,9 @@ def _ident(e: dict) -> tuple:
 
 
 def _same_setting(a: dict, b: dict) -> bool:
-    return (a["config"], a["overrides"], a["budget"]["steps"], a["budget"]["processes"]) == \
-        (b["config"], b["overrides"], b["budget"]["steps"], b["budget"]["processes"])
+    return _same_config(a, b["config"], b.get("config_digest")) and \
+        (a["overrides"], a["budget"]["steps"], a["budget"]["processes"]) == \
+        (b["overrides"], b["budget"]["steps"], b["budget"]["processes"])
 
 
 def merge_entry(old: dict, new: dict) -> dict:
