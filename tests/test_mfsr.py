@@ -51,14 +51,19 @@ def test_each_phase_changes_only_its_network(tiny_shards, tmp_path):
         assert any(k.startswith("model." + part) for k in model_keys), f"model.{part} did not change"
 
 
-def _pixel_worker(rank, world, shards, run_dir, out_path):
+def _first_batch(shards, run_dir, *sets):
+    """A trainer of the synthetic mFSR config, its first batch and the model's outputs on it."""
     from xmdist.train.trainer import Trainer
 
-    cfg = load_config(ROOT / "configs/mfsr_synthetic.yaml", [*TINY, f"data.shards={shards}", "loss.w_pix=0"])
+    cfg = load_config(ROOT / "configs/mfsr_synthetic.yaml", [*TINY, f"data.shards={shards}", *sets])
     trainer = Trainer(cfg, DistEnv(), run_dir, resume="none")
     batch = next(iter(trainer.loader()))
     batch.pop("skipped")
-    out = trainer.method.forward(trainer.nets, batch)
+    return cfg, trainer, batch, trainer.method.forward(trainer.nets, batch)
+
+
+def _pixel_worker(rank, world, shards, run_dir, out_path):
+    cfg, trainer, batch, out = _first_batch(shards, run_dir, "loss.w_pix=0")
     without = trainer.method.model_loss(trainer.nets, batch, out, 0)
     cfg.loss.w_pix = 3.0
     with_pix = trainer.method.model_loss(trainer.nets, batch, out, 0)
@@ -77,13 +82,7 @@ def test_pixel_term_adds_its_weighted_l1_and_trains_the_generator(tiny_shards, t
 
 
 def _aux_worker(rank, world, shards, run_dir, out_path):
-    from xmdist.train.trainer import Trainer
-
-    cfg = load_config(ROOT / "configs/mfsr_synthetic.yaml", [*TINY, f"data.shards={shards}", "loss.warmup_epochs=2"])
-    trainer = Trainer(cfg, DistEnv(), run_dir, resume="none")
-    batch = next(iter(trainer.loader()))
-    batch.pop("skipped")
-    out = trainer.method.forward(trainer.nets, batch)
+    cfg, trainer, batch, out = _first_batch(shards, run_dir, "loss.warmup_epochs=2")
     got = {}
     for scale in (1.0, 0.25):
         cfg.loss.aux_max_violation = scale
