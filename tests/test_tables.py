@@ -28,8 +28,11 @@ def test_rows_run_per_seed_resume_and_aggregate(tmp_path):
     rows = table_rows(["sgrn"], [16, 64], "rho0", ["train.epochs=1"])
     assert [r.key for r in rows] == ["sgrn16", "sgrn64", "sgrn64_rho0"]
     assert rows[2].row == "sgrn_ablation_rho0" and rows[2].bits == 64 and rows[0].row == "full"
-    other = table_rows(["djsrh"], [32], "none", [], table="hashing_other_features")
-    assert [(r.table, r.key) for r in other] == [("hashing_other_features", "djsrh32")]
+    other = table_rows(["djsrh", "sgrn"], [32], "now", [], table="hashing_other_features")
+    assert [(r.table, r.key) for r in other] == [("hashing_other_features", "djsrh32"),
+                                                 ("hashing_other_features", "sgrn32"),
+                                                 ("sgrn_ablation_other_features", "sgrn64_now")]
+    assert {r.table for r in rows} == {"hashing", "sgrn_ablation"}
     calls, lines = [], []
     results = run_rows(rows, [0, 1, 2], tmp_path, 2, train=_fake_train(calls), log=lines.append)
     assert len(calls) == 9 and len(lines) == 9 and lines[0].startswith("[1/9] sgrn16 seed 0")

@@ -38,12 +38,14 @@ def table_rows(methods: list[str], bits: list[int], ablations: str, overrides: l
     for m in methods:
         if m not in ABLATIONS or ablations == "none":
             continue
-        table, names, default = ABLATIONS[m]
+        base, names, default = ABLATIONS[m]
+        # another feature set's ablations go to a table of their own: hashing_X -> sgrn_ablation_X
+        abl_table = base + (table[len("hashing"):] if table.startswith("hashing") else f"_{table}")
         wanted = default if ablations == "default" else ablations
         for name in wanted.split(","):
             if name not in names:
                 continue  # another method's ablation
-            rows.append(Row(table, m, f"{m}_ablation_{name}", f"{m}_ablation_{name}", tuple(overrides),
+            rows.append(Row(abl_table, m, f"{m}_ablation_{name}", f"{m}_ablation_{name}", tuple(overrides),
                             bits=64, label=names[name], key=f"{m}64_{name}"))
     return rows
 
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
                    help="passed to every row's train.py")
     p.add_argument("--reuse-recorded", action="store_true", help=REUSE_HELP)
     p.add_argument("--table", default="hashing",
-                   help="RESULTS.json table of the code-length rows (another feature set: another table)")
+                   help="RESULTS.json table of the code-length rows (another feature set: another table; "
+                        "its ablations go to <method>_ablation + the suffix after 'hashing')")
     p.add_argument("--data", default="", help="a note on the data, stored in each entry (e.g. which features)")
     p.add_argument("--report", action="store_true",
                    help="train nothing: print the hashing tables of --results (mean ± std per row)")
